@@ -1,0 +1,247 @@
+"""The `harmonize` command line: run the pipeline, build the demo, check a model directory.
+
+Enters: command-line arguments (and, for storage credentials, the usual AWS/GCS environment
+read by fsspec itself).
+Leaves: a `RunConfig` handed to `pipeline.run.run`, and a printed summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.config import ModelConfig, RunConfig
+
+app = typer.Typer(
+    help="Harmonize composite images at scale: manifests on object storage in, harmonized "
+    "images and scored results Parquet out, on a Ray cluster or this machine.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+model_app = typer.Typer(help="Inspect model directories.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+def parse_storage_options(values: list[str], endpoint_url: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(
+                f"expected KEY=VALUE, got {key!r}", param_hint="--storage-option"
+            )
+        options[key] = value
+    if endpoint_url:
+        options["endpoint_url"] = endpoint_url
+    return options
+
+
+ManifestArg = Annotated[
+    str,
+    typer.Option(
+        "--manifest",
+        "-m",
+        help="Manifest Parquet file or folder (path or URI: s3://, gs://, file://).",
+    ),
+]
+OutputArg = Annotated[
+    str, typer.Option("--output", "-o", help="Output prefix: images/ and results/ go under it.")
+]
+ModelArg = Annotated[
+    str,
+    typer.Option(
+        help="Harmonizer: reinhard (classical baseline), diffharmony (two-stage diffusion "
+        "model) or identity (no change; I/O benchmark)."
+    ),
+]
+ModelDirArg = Annotated[
+    str | None,
+    typer.Option(
+        help="DiffHarmony model directory (path or URI) in the official layout; see docs/models.md."
+    ),
+]
+ResolutionArg = Annotated[
+    int,
+    typer.Option(
+        help="Square working resolution of the model (multiple of 8; 512 official, 1024 "
+        "the paper's high-resolution variant)."
+    ),
+]
+StepsArg = Annotated[int, typer.Option(help="Stage-1 sampling steps.")]
+SeedArg = Annotated[
+    int, typer.Option(help="Run seed; each sample's seed derives from it and its sample_id.")
+]
+RefineArg = Annotated[
+    bool, typer.Option("--refine/--no-refine", help="Apply the stage-2 refinement UNet.")
+]
+OutputSizeArg = Annotated[
+    str,
+    typer.Option(
+        help="'input': outputs at each input's size; 'model': square --output-resolution "
+        "(official evaluation)."
+    ),
+]
+OutputResolutionArg = Annotated[
+    int, typer.Option(help="Side of the square output with --output-size model (official 256).")
+]
+DTypeArg = Annotated[
+    str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+]
+FormatArg = Annotated[
+    str, typer.Option("--format", help="Output image format: png, jpg or webp (lossless).")
+]
+BatchArg = Annotated[int, typer.Option(help="Samples per model call.")]
+ConcurrencyArg = Annotated[
+    int, typer.Option(help="Harmonizer actors (one GPU each when CUDA is available).")
+]
+MaxPixelsArg = Annotated[
+    int, typer.Option(help="Refuse input images with more pixels than this (per-sample error).")
+]
+StorageOptionArg = Annotated[
+    list[str],
+    typer.Option(
+        "--storage-option",
+        help="fsspec storage option KEY=VALUE (repeatable); credentials are never printed.",
+    ),
+]
+EndpointArg = Annotated[str | None, typer.Option(help="S3-compatible endpoint (MinIO, moto, …).")]
+RunIdArg = Annotated[str | None, typer.Option(help="Run id (default: UTC time + random suffix).")]
+PickleArg = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unsafe-pickle", help="Accept pickled .bin weights (they can run code when loaded)."
+    ),
+]
+ProgressArg = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="Show Ray Data's progress bars.")
+]
+NumCpusArg = Annotated[
+    int | None,
+    typer.Option(help="Logical CPUs of a local Ray cluster (ignored on an existing cluster)."),
+]
+
+
+@app.command("run")
+def run_command(
+    manifest: ManifestArg,
+    output: OutputArg,
+    model: ModelArg = "reinhard",
+    model_dir: ModelDirArg = None,
+    resolution: ResolutionArg = 512,
+    steps: StepsArg = 5,
+    seed: SeedArg = 0,
+    refine: RefineArg = True,
+    output_size: OutputSizeArg = "input",
+    output_resolution: OutputResolutionArg = 256,
+    dtype: DTypeArg = "auto",
+    image_format: FormatArg = "png",
+    batch_size: BatchArg = 4,
+    concurrency: ConcurrencyArg = 1,
+    max_pixels: MaxPixelsArg = 64_000_000,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+    run_id: RunIdArg = None,
+    allow_unsafe_pickle: PickleArg = False,
+    progress: ProgressArg = True,
+    num_cpus: NumCpusArg = None,
+) -> None:
+    """Harmonize every sample of a manifest and write images + results Parquet."""
+    from pipeline.run import run
+    from schemas.manifest import ManifestError
+
+    _check_choice("--model", model, ("reinhard", "diffharmony", "identity"))
+    _check_choice("--output-size", output_size, ("input", "model"))
+    _check_choice("--dtype", dtype, ("auto", "fp32", "fp16", "bf16"))
+    _check_choice("--format", image_format, ("png", "jpg", "webp"))
+    if resolution <= 0 or resolution % 8:
+        raise typer.BadParameter("must be a positive multiple of 8", param_hint="--resolution")
+    if model == "diffharmony" and not model_dir:
+        raise typer.BadParameter("--model diffharmony needs --model-dir", param_hint="--model-dir")
+    model_config = ModelConfig(
+        name=model, model_dir=model_dir, resolution=resolution, steps=steps, seed=seed,  # type: ignore[arg-type]
+        refine=refine, output_size=output_size, output_resolution=output_resolution,  # type: ignore[arg-type]
+        dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,  # type: ignore[arg-type]
+    )  # fmt: skip
+    extra: dict[str, Any] = {"run_id": run_id} if run_id else {}
+    config = RunConfig(
+        manifest=manifest, output=output, model=model_config, image_format=image_format,  # type: ignore[arg-type]
+        batch_size=batch_size, concurrency=concurrency, max_pixels=max_pixels,
+        storage_options=parse_storage_options(storage_option, endpoint_url),
+        show_progress=progress, num_cpus=num_cpus, **extra,
+    )  # fmt: skip
+    try:
+        summary = run(config)
+    except ManifestError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary.text())
+    if summary.error:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo_command(
+    root: Annotated[Path, typer.Option(help="Where to build the demo dataset.")] = Path(
+        "demo_data"
+    ),
+    output: Annotated[Path, typer.Option(help="Where to write the demo run's outputs.")] = Path(
+        "demo_output"
+    ),
+    model: ModelArg = "reinhard",
+    model_dir: ModelDirArg = None,
+    build_only: Annotated[bool, typer.Option(help="Only build the dataset.")] = False,
+) -> None:
+    """Build the bundled demo dataset (scikit-image photos) and harmonize it on local Ray."""
+    from pipeline.demo import build_demo
+
+    manifest = build_demo(str(root.resolve()))
+    typer.echo(f"demo dataset: {manifest}")
+    if build_only:
+        return
+    run_command(manifest=manifest, output=str(output.resolve()), model=model, model_dir=model_dir)
+
+
+@model_app.command("check")
+def model_check_command(
+    model_dir: Annotated[str, typer.Argument(help="Model directory (path or URI).")],
+    allow_unsafe_pickle: PickleArg = False,
+) -> None:
+    """Validate a DiffHarmony model directory: layout, configs, shapes, weight keys."""
+    from pipeline.models.loading import check_model_dir
+
+    problems = check_model_dir(model_dir, allow_unsafe_pickle=allow_unsafe_pickle)
+    if problems:
+        for problem in problems:
+            typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{model_dir}: OK")
+
+
+@app.command("schema")
+def schema_command() -> None:
+    """Print the manifest and results schemas with column descriptions."""
+    from schemas import MANIFEST_SCHEMA, RESULTS_SCHEMA
+
+    for title, schema in (("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA)):
+        typer.echo(f"{title}:")
+        for field in schema:
+            description = (field.metadata or {}).get(b"description", b"").decode()
+            typer.echo(f"  {field.name:<18} {field.type!s:<24} {description}")
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Run configuration: one typed dataclass, built by the CLI and passed down to every stage.
+
+Enters: values from the command line (or a test).
+Leaves: `RunConfig` (with its `ModelConfig`), a frozen, picklable object that Ray ships to
+tasks and actors. Nothing below the CLI reads environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+ModelName = Literal["reinhard", "diffharmony", "identity"]
+ImageFormat = Literal["png", "jpg", "webp"]
+OutputSize = Literal["input", "model"]
+DType = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides what the harmonizer computes (and so enters the fingerprint)."""
+
+    name: ModelName = "reinhard"
+    # Model directory (local path or fsspec URI) in the official release's layout; diffharmony only.
+    model_dir: str | None = None
+    # Square working resolution of the model; any multiple of 8.
+    resolution: int = 512
+    # Stage-1 scheduler steps (official default 5).
+    steps: int = 5
+    # Run seed; each sample's seed is derived from (seed, sample_id).
+    seed: int = 0
+    # Stage-2 refinement on/off.
+    refine: bool = True
+    # "input": output at each input's own size; "model": square `output_resolution` (official).
+    output_size: OutputSize = "input"
+    output_resolution: int = 256
+    # Compute dtype: auto = fp16 on CUDA, fp32 on CPU.
+    dtype: DType = "auto"
+    # "auto" picks CUDA when available.
+    device: str = "auto"
+    allow_unsafe_pickle: bool = False
+    # Local folder for models copied from remote URIs (one copy per node).
+    cache_dir: str | None = None
+
+    def output_params(self) -> dict[str, Any]:
+        """The parameters that change the output pixels (recorded per result row)."""
+        params = dataclasses.asdict(self)
+        for key in ("model_dir", "device", "allow_unsafe_pickle", "cache_dir"):
+            params.pop(key)
+        return params
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    manifest: str
+    output: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image_format: ImageFormat = "png"
+    jpeg_quality: int = 95
+    # Rows per model batch (per actor call).
+    batch_size: int = 4
+    # Number of harmonizer actors (GPU actors take one GPU each).
+    concurrency: int = 1
+    # Images above this many pixels are refused per sample (protects memory).
+    max_pixels: int = 64_000_000
+    # fsspec storage options (endpoint_url, key, secret, …); never printed.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    run_id: str = field(default_factory=lambda: new_run_id())
+    # Local-cluster sizing, used only when no cluster is running.
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+    show_progress: bool = True
+    preserve_order: bool = False
+
+
+def new_run_id() -> str:
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]

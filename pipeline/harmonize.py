@@ -1,0 +1,175 @@
+"""Harmonize and score: the GPU actor of the pipeline (one model per actor, loaded once).
+
+Enters: pyarrow batches from `fetch.py` (decoded pixels, `status`, `error`).
+Leaves: the same rows without the input pixels, plus `harmonized_pixels` (raw RGB uint8),
+`output_width`, `output_height`, the model's name, fingerprint and parameters, the sample
+seed, `harmonize_s`, `score_s` and the metrics of `score.py`.
+
+A batch runs through the model in one call. If that call raises, the batch is retried one
+sample at a time so that only the samples that fail become error rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.fetch import PIXEL_COLUMNS
+from pipeline.models import HarmonizeBatch, load_harmonizer, sample_seed
+from pipeline.score import ground_truth_metrics
+from schemas.results import METRIC_COLUMNS
+
+
+def params_hash(model: str, fingerprint: str, params: dict[str, Any]) -> str:
+    """Identifies one (model, weights, parameters) combination: same hash, same outputs."""
+    text = json.dumps({"model": model, "fingerprint": fingerprint, **params}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _image(data: bytes, height: int, width: int, channels: int) -> torch.Tensor:
+    """Raw uint8 bytes -> (C, H, W) uint8 tensor on the CPU."""
+    array = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class HarmonizeActor:
+    """Ray Data callable class: `map_batches(HarmonizeActor, compute=ActorPoolStrategy(...))`."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.harmonizer = load_harmonizer(config.model)
+        self.device = self.harmonizer.device
+        self.params = config.model.output_params()
+        self.fingerprint = self.harmonizer.fingerprint
+        self.params_hash = params_hash(config.model.name, self.fingerprint, self.params)
+
+    def _to_device(self, data: bytes, height: int, width: int, channels: int) -> torch.Tensor:
+        image = _image(data, height, width, channels)
+        if self.device.type == "cuda":
+            image = image.pin_memory()
+        return image.to(self.device, non_blocking=True).float() / 255.0
+
+    def _run(self, batch: pa.Table, rows: list[int], seeds: list[int]) -> dict[int, Any]:
+        """Model + metrics for `rows`; returns row -> (pixels, width, height, metrics)."""
+        heights = batch.column("height").to_pylist()
+        widths = batch.column("width").to_pylist()
+        composites, masks, reals = [], [], []
+        for i in rows:
+            h, w = heights[i], widths[i]
+            composites.append(self._to_device(batch["composite_pixels"][i].as_py(), h, w, 3))
+            masks.append(self._to_device(batch["mask_pixels"][i].as_py(), h, w, 1) * 255.0)
+            real = batch["real_pixels"][i].as_py()
+            reals.append(None if real is None else self._to_device(real, h, w, 3))
+        ids = batch.column("sample_id").to_pylist()
+        inputs = HarmonizeBatch([ids[i] for i in rows], composites, masks, [seeds[i] for i in rows])
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            harmonized = self.harmonizer.harmonize(inputs)
+        harmonize_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        metrics: dict[str, list[float]] = {
+            name: [float("nan")] * len(rows) for name in METRIC_COLUMNS
+        }
+        with_real = [k for k, real in enumerate(reals) if real is not None]
+        if with_real:
+            scored = ground_truth_metrics(
+                [harmonized[k] for k in with_real],
+                [composites[k] for k in with_real],
+                [reals[k] for k in with_real],  # type: ignore[misc]
+                [masks[k] for k in with_real],
+            )
+            for name, values in scored.items():
+                for k, value in zip(with_real, values.cpu().tolist()):
+                    metrics[name][k] = value
+        pixels = [
+            (image.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+            for image in harmonized
+        ]
+        pixels = [image.cpu().numpy() for image in pixels]
+        score_s = time.perf_counter() - start
+
+        share = 1.0 / len(rows)
+        return {
+            i: (
+                pixels[k].tobytes(),
+                pixels[k].shape[1],
+                pixels[k].shape[0],
+                {name: metrics[name][k] for name in METRIC_COLUMNS},
+                harmonize_s * share,
+                score_s * share,
+            )
+            for k, i in enumerate(rows)
+        }
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("sample_id").to_pylist()
+        status = batch.column("status").to_pylist()
+        errors = batch.column("error").to_pylist()
+        seeds = [sample_seed(self.config.model.seed, sample_id) for sample_id in ids]
+        ok_rows = [i for i, s in enumerate(status) if s == "ok"]
+
+        results: dict[int, Any] = {}
+        if ok_rows:
+            try:
+                results = self._run(batch, ok_rows, seeds)
+            except Exception:
+                # Isolate the failing samples: the rest of the batch still gets its output.
+                for i in ok_rows:
+                    try:
+                        results.update(self._run(batch, [i], seeds))
+                    except Exception as exc:
+                        status[i] = "error"
+                        errors[i] = f"sample {ids[i]!r}: harmonize: {type(exc).__name__}: {exc}"
+
+        n = batch.num_rows
+        columns: dict[str, pa.Array] = {
+            "harmonized_pixels": pa.array(
+                [results[i][0] if i in results else b"" for i in range(n)], pa.large_binary()
+            ),
+            "output_width": pa.array(
+                [results[i][1] if i in results else None for i in range(n)], pa.int32()
+            ),
+            "output_height": pa.array(
+                [results[i][2] if i in results else None for i in range(n)], pa.int32()
+            ),
+            "harmonize_s": pa.array(
+                [results[i][4] if i in results else None for i in range(n)], pa.float64()
+            ),
+            "score_s": pa.array(
+                [results[i][5] if i in results else None for i in range(n)], pa.float64()
+            ),
+            "model": pa.array([self.config.model.name] * n, pa.string()),
+            "model_fingerprint": pa.array([self.fingerprint] * n, pa.string()),
+            "params_hash": pa.array([self.params_hash] * n, pa.string()),
+            "model_params": pa.array([json.dumps(self.params, sort_keys=True)] * n, pa.string()),
+            "resolution": pa.array([self.config.model.resolution] * n, pa.int32()),
+            "steps": pa.array([self.config.model.steps] * n, pa.int32()),
+            "seed": pa.array([self.config.model.seed] * n, pa.int64()),
+            "sample_seed": pa.array(seeds, pa.int64()),
+            "refine": pa.array([self.config.model.refine] * n, pa.bool_()),
+            "output_size": pa.array([self.config.model.output_size] * n, pa.string()),
+        }
+        for name in METRIC_COLUMNS:
+            values = [results[i][3][name] if i in results else None for i in range(n)]
+            # NaN (no ground truth, empty region) is stored as null: "does not apply".
+            columns[name] = pa.array([v if v == v else None for v in values], pa.float64())
+
+        batch = batch.drop_columns([c for c in PIXEL_COLUMNS if c in batch.column_names])
+        batch = batch.set_column(
+            batch.column_names.index("status"), "status", pa.array(status, pa.string())
+        )
+        batch = batch.set_column(
+            batch.column_names.index("error"), "error", pa.array(errors, pa.string())
+        )
+        for name, column in columns.items():
+            batch = batch.append_column(name, column)
+        return batch

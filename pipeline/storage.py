@@ -1,0 +1,103 @@
+"""Storage access through fsspec: one way to name and reach local folders, S3, GCS, MinIO.
+
+Enters: URIs (`s3://bucket/key`, `gs://…`, `file:///…`, `/local/path`, `relative/path`) and
+fsspec storage options (endpoint, credentials).
+Leaves: filesystem objects, resolved URIs, bytes read, files written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it (fsspec caches instances)."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs, path
+
+
+def to_pyarrow(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """A pyarrow filesystem for Ray Data's read and write (native for local folders)."""
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def has_protocol(uri: str) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri) is not None
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a URI or path, keeping its protocol."""
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def resolve(base_dir: str, uri: str) -> str:
+    """An absolute URI for `uri` as written in a manifest stored in `base_dir`."""
+    if has_protocol(uri) or uri.startswith("/"):
+        return uri
+    if has_protocol(base_dir):
+        protocol, rest = base_dir.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, uri))}"
+    return posixpath.normpath(posixpath.join(os.path.abspath(base_dir), uri))
+
+
+def absolute(uri: str) -> str:
+    """Local relative paths become absolute, so that Ray workers in other folders find them."""
+    if has_protocol(uri):
+        return uri.rstrip("/")
+    return os.path.abspath(uri)
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
+    fs, path = filesystem(uri, storage_options)
+    return fs.cat_file(path)
+
+
+def write_atomic(uri: str, data: bytes, storage_options: dict[str, Any]) -> None:
+    """Write `data` so that readers see the whole file or nothing.
+
+    On local disks: a temporary name in the same folder, then a rename. On object stores a
+    single PUT (or a multipart commit, for large objects) is already all-or-nothing.
+    """
+    fs, path = filesystem(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return
+    fs.pipe_file(path, data)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_key(sample_id: str, max_length: int = 120) -> str:
+    """A file name for `sample_id` that stays inside the output folder on any store.
+
+    Characters other than letters, digits, '.', '_' and '-' become '_', leading dots go, and
+    when anything changed a hash of the original id is appended so that two ids never collide.
+    """
+    key = _UNSAFE.sub("_", sample_id).lstrip(".")[:max_length]
+    if key != sample_id or not key:
+        digest = hashlib.sha1(sample_id.encode()).hexdigest()[:10]
+        key = f"{key}-{digest}" if key else digest
+    return key

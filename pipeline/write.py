@@ -1,0 +1,90 @@
+"""Encode and write: harmonized pixels in, result rows out (Ray CPU tasks).
+
+Enters: pyarrow batches from `harmonize.py` (`harmonized_pixels`, `output_width`,
+`output_height`, model columns, metrics, passthrough columns).
+Leaves: rows in the results schema (`schemas/results.py`) followed by the passthrough
+columns; each ok row's image is already on storage at `output_uri`
+(`{output}/images/{safe sample_id}.{format}`), written atomically, before its row exists.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.config import RunConfig
+from pipeline.storage import join, safe_key, write_atomic
+from schemas.results import RESULTS_SCHEMA
+
+_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def encode(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
+    """(H, W, 3) uint8 -> encoded bytes. WebP is lossless so that metrics match the file."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if image_format == "jpg":
+        image.save(buffer, format="JPEG", quality=quality, subsampling=0)
+    elif image_format == "webp":
+        image.save(buffer, format="WEBP", lossless=True)
+    else:
+        image.save(buffer, format="PNG", compress_level=1)  # speed over a few % of size
+    return buffer.getvalue()
+
+
+def output_uri(config: RunConfig, sample_id: str) -> str:
+    return join(config.output, "images", f"{safe_key(sample_id)}.{config.image_format}")
+
+
+def write_images(batch: pa.Table, config: RunConfig, schema: pa.Schema) -> pa.Table:
+    """Ray `map_batches` function (batch_format="pyarrow"); `schema` is the results schema."""
+    n = batch.num_rows
+    ids = batch.column("sample_id").to_pylist()
+    status = batch.column("status").to_pylist()
+    errors = batch.column("error").to_pylist()
+    widths = batch.column("output_width").to_pylist()
+    heights = batch.column("output_height").to_pylist()
+    uris: list[str | None] = [None] * n
+    write_s: list[float | None] = [None] * n
+    for i in range(n):
+        if status[i] != "ok":
+            continue
+        start = time.perf_counter()
+        uri = output_uri(config, ids[i])
+        try:
+            data = batch["harmonized_pixels"][i].as_py()
+            pixels = np.frombuffer(data, np.uint8).reshape(heights[i], widths[i], 3)
+            write_atomic(uri, encode(pixels, config.image_format, config.jpeg_quality),
+                         config.storage_options)  # fmt: skip
+            uris[i] = uri
+        except Exception as exc:
+            status[i] = "error"
+            errors[i] = f"sample {ids[i]!r}: write {uri}: {type(exc).__name__}: {exc}"
+        write_s[i] = time.perf_counter() - start
+
+    now = datetime.now(timezone.utc)
+    computed = {
+        "output_uri": pa.array(uris, pa.string()),
+        "status": pa.array(status, pa.string()),
+        "error": pa.array(errors, pa.string()),
+        "write_s": pa.array(write_s, pa.float64()),
+        "image_format": pa.array([config.image_format] * n, pa.string()),
+        "run_id": pa.array([config.run_id] * n, pa.string()),
+        "created_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+    }
+    columns = []
+    for field in schema:
+        if field.name in computed:
+            columns.append(computed[field.name])
+        elif field.name in batch.column_names:
+            columns.append(batch.column(field.name).cast(field.type))
+        elif field.name in RESULTS_SCHEMA.names:
+            columns.append(pa.nulls(n, field.type))
+        else:
+            raise KeyError(f"passthrough column {field.name!r} missing from the batch")
+    return pa.Table.from_arrays(columns, schema=schema)

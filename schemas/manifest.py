@@ -1,0 +1,82 @@
+"""The input manifest: one row per sample, Parquet, a single file or a directory of files.
+
+Required: `sample_id` (unique, non-empty string), `composite_uri`, `mask_uri`.
+Optional: `real_uri` (ground truth). Every other column is passed through to the results.
+URIs are absolute (`s3://…`, `/data/…`) or relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_STRING_TYPES = (pa.string(), pa.large_string())
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False, metadata={"description": "unique id"}),
+        pa.field("composite_uri", pa.string(), nullable=False),
+        pa.field("mask_uri", pa.string(), nullable=False),
+        pa.field("real_uri", pa.string(), nullable=True),
+    ]
+)
+REQUIRED_COLUMNS = ("sample_id", "composite_uri", "mask_uri")
+OPTIONAL_COLUMNS = ("real_uri",)
+KEY_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+_MAX_LISTED = 10
+
+
+class ManifestError(ValueError):
+    """A structural problem of the manifest: raised before any model is loaded."""
+
+
+def _listed(values: list[object]) -> str:
+    shown = ", ".join(repr(v) for v in values[:_MAX_LISTED])
+    more = len(values) - _MAX_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def validate_schema(schema: pa.Schema) -> None:
+    """Fail on a missing key column or a key column that is not a string."""
+    problems = []
+    for name in REQUIRED_COLUMNS:
+        if schema.get_field_index(name) < 0:
+            problems.append(f"missing required column {name!r}")
+    for name in KEY_COLUMNS:
+        index = schema.get_field_index(name)
+        if index >= 0 and schema.field(index).type not in _STRING_TYPES:
+            problems.append(f"column {name!r} must be a string, found {schema.field(index).type}")
+    from schemas.results import RESULTS_SCHEMA
+
+    for name in schema.names:
+        if name in RESULTS_SCHEMA.names and name not in KEY_COLUMNS:
+            problems.append(f"column {name!r} is reserved for the results; rename it")
+    if problems:
+        have = ", ".join(schema.names)
+        raise ManifestError("manifest: " + "; ".join(problems) + f" (columns present: {have})")
+
+
+def validate_manifest(table: pa.Table) -> None:
+    """Check a manifest table's key columns: schema, empty or null values, duplicate ids.
+
+    `table` may hold only the key columns (the driver reads no more than those).
+    """
+    validate_schema(table.schema)
+    problems = []
+    row_numbers = pa.array(range(table.num_rows), pa.int64())
+    for name in REQUIRED_COLUMNS:
+        column = table.column(name)
+        bad = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(column), 0))
+        bad_rows = pc.filter(row_numbers, pc.fill_null(bad, True)).to_pylist()
+        if bad_rows:
+            problems.append(f"column {name!r} is null or empty in rows {_listed(bad_rows)}")
+    counts = pc.value_counts(table.column("sample_id")).flatten()
+    duplicated = pc.filter(counts[0], pc.greater(counts[1], 1))
+    if len(duplicated):
+        rows = pc.filter(row_numbers, pc.is_in(table.column("sample_id"), duplicated)).to_pylist()
+        problems.append(
+            f"column 'sample_id' has {len(duplicated)} duplicated value(s) "
+            f"{_listed(duplicated.to_pylist())} in rows {_listed(rows)}"
+        )
+    if problems:
+        raise ManifestError("manifest: " + "; ".join(problems))

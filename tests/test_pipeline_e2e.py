@@ -1,0 +1,142 @@
+"""End to end through the real Ray Data pipeline: local folder and S3 (moto server)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import ModelConfig, RunConfig
+from pipeline.demo import build_demo
+from pipeline.run import results_dir, run
+from pipeline.storage import filesystem, read_bytes, resolve, to_pyarrow
+
+
+def read_results(config: RunConfig) -> pa.Table:
+    fs, path = filesystem(results_dir(config), config.storage_options)
+    files = [f for f in fs.find(path) if f.endswith(".parquet")]
+    return pads.dataset(files, filesystem=to_pyarrow(fs)).to_table()
+
+
+def decode(uri: str, options: dict[str, Any], mode: str = "RGB") -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(read_bytes(uri, options))).convert(mode))
+
+
+def manifest_rows(manifest_uri: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    fs, path = filesystem(manifest_uri, options)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle).to_pylist()
+
+
+def check_outputs(config: RunConfig, manifest_uri: str) -> pa.Table:
+    """Every image exists, decodes, has its input's size; background pixels are unchanged."""
+    options = config.storage_options
+    base_dir = manifest_uri.rsplit("/", 1)[0]
+    rows = manifest_rows(manifest_uri, options)
+    results = read_results(config)
+    assert sorted(results.column("sample_id").to_pylist()) == sorted(r["sample_id"] for r in rows)
+    by_id = {r["sample_id"]: r for r in results.to_pylist()}
+    for row in rows:
+        result = by_id[row["sample_id"]]
+        assert result["status"] == "ok", result["error"]
+        composite = decode(resolve(base_dir, row["composite_uri"]), options)
+        mask = decode(resolve(base_dir, row["mask_uri"]), options, "L") >= 128
+        harmonized = decode(result["output_uri"], options)
+        assert harmonized.shape == composite.shape
+        assert (result["height"], result["width"]) == composite.shape[:2]
+        np.testing.assert_array_equal(harmonized[~mask], composite[~mask])
+        assert np.abs(harmonized[mask].astype(int) - composite[mask]).mean() > 1.0
+        assert result["subset"] == row["subset"] and result["photo"] == row["photo"]
+    return results
+
+
+def test_demo_run_local(ray_cluster: None, demo_manifest: str, output_dir: str) -> None:
+    config = RunConfig(
+        manifest=demo_manifest, output=output_dir, model=ModelConfig(resolution=256),
+        batch_size=3, show_progress=False,
+    )  # fmt: skip
+    summary = run(config)
+    assert (summary.samples, summary.ok, summary.error) == (8, 8, 0)
+    results = check_outputs(config, demo_manifest)
+    # Reinhard lowers the error to the ground truth over the demo set.
+    mse = np.mean(results.column("mse").to_numpy())
+    composite_mse = np.mean(results.column("composite_mse").to_numpy())
+    assert mse < composite_mse
+    assert summary.mse == pytest.approx(mse) and summary.composite_mse == pytest.approx(
+        composite_mse
+    )
+    assert set(results.column("model").to_pylist()) == {"reinhard"}
+    assert results.schema.field("created_at").type == pa.timestamp("us", tz="UTC")
+
+
+def test_demo_run_on_s3(ray_cluster: None, s3_server: dict[str, Any], s3_bucket: str) -> None:
+    manifest = build_demo(f"s3://{s3_bucket}/demo", s3_server)
+    config = RunConfig(
+        manifest=manifest, output=f"s3://{s3_bucket}/run", model=ModelConfig(resolution=256),
+        storage_options=s3_server, batch_size=4, show_progress=False,
+    )  # fmt: skip
+    summary = run(config)
+    assert (summary.samples, summary.ok) == (8, 8)
+    results = check_outputs(config, manifest)
+    assert all(
+        uri.startswith(f"s3://{s3_bucket}/run/images/") for uri in results["output_uri"].to_pylist()
+    )
+
+
+def test_bad_rows_become_error_rows(ray_cluster: None, tmp_path: Any) -> None:
+    root = tmp_path / "data"
+    manifest = build_demo(str(root))
+    table = pq.read_table(manifest)
+    extra = pa.table(
+        {
+            "sample_id": ["missing", "corrupt"],
+            "composite_uri": ["composites/nothing-here.png", "corrupt.png"],
+            "mask_uri": ["masks/astronaut_0.png", "masks/astronaut_0.png"],
+            "real_uri": [None, None],
+            "subset": ["demo", "demo"],
+            "photo": ["none", "none"],
+        },
+        schema=table.schema,
+    )
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    pq.write_table(pa.concat_tables([table, extra]), manifest)
+    config = RunConfig(manifest=manifest, output=str(tmp_path / "out"),
+                       model=ModelConfig(resolution=128), show_progress=False)  # fmt: skip
+    summary = run(config)
+    assert (summary.samples, summary.ok, summary.error) == (10, 8, 2)
+    errors = {r["sample_id"]: r for r in read_results(config).to_pylist() if r["status"] == "error"}
+    assert "'missing'" in errors["missing"]["error"] and "not found" in errors["missing"]["error"]
+    assert (
+        "'corrupt'" in errors["corrupt"]["error"] and "readable image" in errors["corrupt"]["error"]
+    )
+    assert errors["missing"]["output_uri"] is None
+
+
+def test_cli_run_output_size_model(ray_cluster: None, demo_manifest: str, output_dir: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["run", "--manifest", demo_manifest, "--output", output_dir, "--resolution", "128",
+         "--output-size", "model", "--format", "webp", "--no-progress", "--run-id", "cli-test"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "8 ok, 0 error" in result.output and "images/s" in result.output
+    config = replace(RunConfig(manifest=demo_manifest, output=output_dir), run_id="cli-test")
+    for uri in read_results(config)["output_uri"].to_pylist():
+        assert uri.endswith(".webp") and decode(uri, {}).shape == (256, 256, 3)
+
+
+def test_invalid_manifest_fails_before_the_run(tmp_path: Any) -> None:
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"sample_id": ["a", "a"], "composite_uri": ["x", "y"]}), manifest)
+    result = CliRunner().invoke(app, ["run", "-m", str(manifest), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "missing required column 'mask_uri'" in result.output
