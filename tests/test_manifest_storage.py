@@ -1,0 +1,81 @@
+"""Manifest validation, URI resolution, safe output keys, atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.manifest import open_manifest
+from pipeline.storage import resolve, safe_key, write_atomic
+from schemas.manifest import ManifestError
+
+
+def write(path: Path, columns: dict) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+GOOD = {"sample_id": ["a", "b"], "composite_uri": ["c/a.jpg", "c/b.jpg"], "mask_uri": ["m", "m"]}
+
+
+def test_valid_manifest_file_and_folder(tmp_path: Path) -> None:
+    manifest = open_manifest(write(tmp_path / "m.parquet", {**GOOD, "subset": ["x", "y"]}), {})
+    assert manifest.num_rows == 2 and manifest.base_dir == str(tmp_path)
+    assert [f.name for f in manifest.passthrough] == ["subset"]
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write(folder / "0.parquet", GOOD)
+    write(folder / "1.parquet", {k: [v[0] + "2" for v in [vals]] for k, vals in GOOD.items()})
+    assert open_manifest(str(folder), {}).num_rows == 3
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"sample_id": ["a"], "composite_uri": ["x"]}, "missing required column 'mask_uri'"),
+        ({**GOOD, "sample_id": [1, 2]}, "column 'sample_id' must be a string"),
+        ({**GOOD, "sample_id": ["a", "a"]}, "duplicated value(s) 'a' in rows 0, 1"),
+        ({**GOOD, "sample_id": ["a", ""]}, "column 'sample_id' is null or empty in rows 1"),
+        ({**GOOD, "mask_uri": ["m", None]}, "column 'mask_uri' is null or empty in rows 1"),
+        ({**GOOD, "status": ["x", "y"]}, "column 'status' is reserved"),
+    ],
+)
+def test_structural_problems_fail_fast(tmp_path: Path, columns: dict, message: str) -> None:
+    with pytest.raises(ManifestError) as error:
+        open_manifest(write(tmp_path / "m.parquet", columns), {})
+    assert message in str(error.value)
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="not found"):
+        open_manifest(str(tmp_path / "nope.parquet"), {})
+
+
+def test_resolve() -> None:
+    assert resolve("s3://b/sets/day1", "img/a.png") == "s3://b/sets/day1/img/a.png"
+    assert resolve("s3://b/sets/day1", "../x.png") == "s3://b/sets/x.png"
+    assert resolve("/data/set", "gs://other/a.png") == "gs://other/a.png"
+    assert resolve("/data/set", "/abs/a.png") == "/abs/a.png"
+    assert resolve("/data/set", "a.png") == "/data/set/a.png"
+
+
+@pytest.mark.parametrize("sample_id", ["../../etc/passwd", "a/b", "with space", "été", ".", ""])
+def test_safe_key_stays_inside_and_is_unique(sample_id: str) -> None:
+    key = safe_key(sample_id)
+    assert key and "/" not in key and not key.startswith(".") and key.isascii()
+    assert key != safe_key(sample_id + "x")
+
+
+def test_safe_key_keeps_plain_ids() -> None:
+    assert safe_key("c1234_1_2") == "c1234_1_2"
+
+
+def test_write_atomic_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "a.bin"
+    write_atomic(str(target), b"x" * 10, {})
+    write_atomic(str(target), b"y", {})
+    assert target.read_bytes() == b"y"
+    assert [p.name for p in target.parent.iterdir()] == ["a.bin"]
