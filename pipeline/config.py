@@ -69,11 +69,17 @@ class RunConfig:
     # fsspec storage options (endpoint_url, key, secret, …); never printed.
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     run_id: str = field(default_factory=lambda: new_run_id())
+    # Ray cluster: None attaches to a running one (RAY_ADDRESS, `ray start`) or starts a local
+    # one; "local" always starts a new local cluster; else an address.
+    ray_address: str | None = None
     # Local-cluster sizing, used only when no cluster is running.
     num_cpus: int | None = None
     object_store_memory: int | None = None
     show_progress: bool = True
     preserve_order: bool = False
+    # Test only: the first actor that finds no file at this path creates it and dies, so that
+    # tests can watch Ray restart the actor and retry its batch.
+    crash_once_marker: str | None = None
 
 
 def new_run_id() -> str:

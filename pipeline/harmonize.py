@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
@@ -110,7 +111,14 @@ class HarmonizeActor:
             for k, i in enumerate(rows)
         }
 
+    def _crash_once(self) -> None:
+        marker = self.config.crash_once_marker
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # a hard death, as a segfault or an OOM kill would be
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self._crash_once()
         ids = batch.column("sample_id").to_pylist()
         status = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()

@@ -2,22 +2,30 @@
 
 Enters: a `RunConfig`.
 Leaves: `{output}/images/…` (one image per ok sample), `{output}/results/{run_id}/*.parquet`
-(one row per sample), and a `RunSummary`.
+(one row per sample processed by this run), and a `RunSummary`.
 
     read_parquet(manifest)                       rows
+    → map_batches(drop_done)          (fused)    rows not yet done with these parameters
     → map_batches(fetch_and_decode)   CPU tasks  + decoded pixels, status, error
     → map_batches(HarmonizeActor)     actor pool + harmonized pixels, model columns, metrics
     → map_batches(write_images)       CPU tasks  images written; rows in the results schema
-    → write_parquet(results/{run_id})
+    → write_datasink(ResultsSink)                results/{run_id}/part-*.parquet
+
+Incremental runs: a sample is done when some earlier results row has `status = ok` and the
+same `params_hash` (model, weights fingerprint and every output parameter). Re-running on a
+grown manifest, or after a crash, processes only the rest; errors are retried.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 import torch
@@ -25,10 +33,11 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline.config import RunConfig
 from pipeline.fetch import fetch_and_decode
-from pipeline.harmonize import HarmonizeActor
+from pipeline.harmonize import HarmonizeActor, params_hash
 from pipeline.manifest import Manifest, open_manifest
+from pipeline.models import load_harmonizer
 from pipeline.storage import filesystem, join, to_pyarrow
-from pipeline.write import write_images
+from pipeline.write import ResultsSink, write_images
 from schemas.results import results_schema_with
 
 log = logging.getLogger(__name__)
@@ -46,22 +55,82 @@ def init_ray(config: RunConfig) -> None:
     """
     if ray.is_initialized():
         return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        import os
-
-        ray.init(
-            num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-            object_store_memory=config.object_store_memory,
-        )
+    if config.ray_address not in (None, "local"):
+        ray.init(address=config.ray_address)
+        return
+    if config.ray_address is None:
+        try:
+            ray.init(address="auto")
+            return
+        except ConnectionError:
+            pass
+    ray.init(
+        address="local",
+        num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+        object_store_memory=config.object_store_memory,
+    )
 
 
 def results_dir(config: RunConfig) -> str:
     return join(config.output, "results", config.run_id)
 
 
-def build_dataset(config: RunConfig, manifest: Manifest) -> Dataset:
+def read_results(
+    uri: str, storage_options: dict, columns: list[str] | None = None
+) -> pa.Table | None:
+    """Every results Parquet file under `uri` (all runs), or None when there are none."""
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+    if not files:
+        return None
+    dataset = pads.dataset(files, filesystem=to_pyarrow(fs))
+    if columns is not None:
+        columns = [c for c in columns if c in dataset.schema.names]
+    return dataset.to_table(columns=columns)
+
+
+def done_sample_ids(config: RunConfig, current_params_hash: str) -> pa.Array:
+    """Ids already harmonized ok with the same parameters, in any earlier run."""
+    table = read_results(
+        join(config.output, "results"),
+        config.storage_options,
+        ["sample_id", "status", "params_hash"],
+    )
+    if table is None or "params_hash" not in table.column_names:
+        return pa.array([], pa.string())
+    done = pc.and_(
+        pc.equal(table["status"], "ok"), pc.equal(table["params_hash"], current_params_hash)
+    )
+    return pc.unique(table.filter(done)["sample_id"]).cast(pa.string())
+
+
+def drop_done(batch: pa.Table, done: ray.ObjectRef) -> pa.Table:
+    """Ray `map_batches` function: keep the rows whose sample is not done yet."""
+    done_ids = ray.get(done)
+    if len(done_ids) == 0:
+        return batch
+    return batch.filter(pc.invert(pc.is_in(batch["sample_id"], value_set=done_ids)))
+
+
+def actor_resources(config: RunConfig) -> dict[str, float]:
+    use_gpu = torch.cuda.is_available() and config.model.device in ("auto", "cuda")
+    return {"num_gpus": 1 if use_gpu else 0, "num_cpus": 1}
+
+
+def probe_params_hash(config: RunConfig) -> str:
+    """Load the model once where the actors will run (which also fills that node's model cache)
+    and hash its fingerprint with the output parameters."""
+
+    def probe() -> str:
+        harmonizer = load_harmonizer(config.model)
+        return params_hash(config.model.name, harmonizer.fingerprint, config.model.output_params())
+
+    return ray.get(ray.remote(**actor_resources(config))(probe).remote())
+
+
+def build_dataset(config: RunConfig, manifest: Manifest, done: pa.Array | None = None) -> Dataset:
     """The lazy Ray Data plan; nothing runs until it is written."""
     context = DataContext.get_current()  # settings are copied when read_* is called
     context.enable_progress_bars = config.show_progress
@@ -71,10 +140,13 @@ def build_dataset(config: RunConfig, manifest: Manifest) -> Dataset:
     context.max_errored_blocks = 0
 
     fs, _ = filesystem(manifest.uri, config.storage_options)
-    use_gpu = torch.cuda.is_available() and config.model.device in ("auto", "cuda")
     schema = results_schema_with(manifest.passthrough)
 
     dataset = ray.data.read_parquet(manifest.files, filesystem=to_pyarrow(fs))
+    if done is not None and len(done):
+        dataset = dataset.map_batches(
+            drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow", num_cpus=0.5
+        )
     dataset = dataset.map_batches(
         fetch_and_decode,
         fn_kwargs={"config": config, "base_dir": manifest.base_dir},
@@ -88,8 +160,7 @@ def build_dataset(config: RunConfig, manifest: Manifest) -> Dataset:
         batch_format="pyarrow",
         batch_size=config.batch_size,
         compute=ActorPoolStrategy(size=config.concurrency, max_tasks_in_flight_per_actor=2),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
+        **actor_resources(config),
     )
     return dataset.map_batches(
         write_images,
@@ -103,6 +174,7 @@ def build_dataset(config: RunConfig, manifest: Manifest) -> Dataset:
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str
+    skipped: int  # already done by earlier runs with the same parameters
     samples: int
     ok: int
     error: int
@@ -120,7 +192,8 @@ class RunSummary:
     def text(self) -> str:
         lines = [
             f"run {self.run_id}: {self.samples} samples, {self.ok} ok, {self.error} error "
-            f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)",
+            f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)"
+            + (f"; {self.skipped} already done, skipped" if self.skipped else ""),
             f"images:  {self.images_dir}",
             f"results: {self.results_dir}",
         ]
@@ -142,20 +215,16 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def summarize(config: RunConfig, seconds: float) -> RunSummary:
+def summarize(config: RunConfig, seconds: float, skipped: int) -> RunSummary:
     """Read back this run's results (a few small columns) and count them."""
     uri = results_dir(config)
-    fs, path = filesystem(uri, config.storage_options)
     columns = ["status", "error", "mse", "composite_mse"]
-    if fs.exists(path):
-        files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-        table = pads.dataset(files, filesystem=to_pyarrow(fs)).to_table(columns=columns)
-        rows = table.to_pydict()
-    else:
-        rows = {name: [] for name in columns}
+    table = read_results(uri, config.storage_options, columns)
+    rows = table.to_pydict() if table is not None else {name: [] for name in columns}
     ok = sum(1 for s in rows["status"] if s == "ok")
     return RunSummary(
         run_id=config.run_id,
+        skipped=skipped,
         samples=len(rows["status"]),
         ok=ok,
         error=len(rows["status"]) - ok,
@@ -176,7 +245,24 @@ def run(config: RunConfig) -> RunSummary:
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
     init_ray(config)
     start = time.perf_counter()
-    dataset = build_dataset(config, manifest)
-    fs, path = filesystem(results_dir(config), config.storage_options)
-    dataset.write_parquet(path, filesystem=to_pyarrow(fs))
-    return summarize(config, time.perf_counter() - start)
+    done = done_sample_ids(config, probe_params_hash(config))
+    dataset = build_dataset(config, manifest, done)
+    dataset.write_datasink(ResultsSink(results_dir(config), config))
+    return summarize(config, time.perf_counter() - start, skipped=len(done))
+
+
+def list_runs(output: str, storage_options: dict) -> pa.Table:
+    """One row per run under `{output}/results/`: counts, model, parameters, when."""
+    columns = ["run_id", "status", "model", "params_hash", "created_at"]
+    table = read_results(join(output, "results"), storage_options, columns)
+    if table is None:
+        return pa.table({c: pa.array([], pa.string()) for c in ("run_id", "model", "params_hash")})
+    table = table.append_column("ok", pc.cast(pc.equal(table["status"], "ok"), pa.int64()))
+    table = table.append_column("error", pc.cast(pc.not_equal(table["status"], "ok"), pa.int64()))
+    runs = table.group_by(["run_id", "model", "params_hash"]).aggregate(
+        [("ok", "sum"), ("error", "sum"), ("created_at", "min"), ("created_at", "max")]
+    )
+    runs = runs.rename_columns(
+        ["run_id", "model", "params_hash", "ok", "error", "started", "finished"]
+    )
+    return runs.sort_by("started")

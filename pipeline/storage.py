@@ -11,6 +11,7 @@ import hashlib
 import os
 import posixpath
 import re
+import time
 import uuid
 from typing import Any
 
@@ -18,10 +19,17 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+# S3: botocore's "standard" retry mode (exponential backoff with jitter on throttling, 5xx and
+# connection errors), with more attempts than its default 3 for overnight runs.
+S3_RETRIES = {"retries": {"max_attempts": 10, "mode": "standard"}}
+
 
 def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `uri` and the path inside it (fsspec caches instances)."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    options = dict(storage_options)
+    if uri.startswith(("s3://", "s3a://")) and "config_kwargs" not in options:
+        options["config_kwargs"] = S3_RETRIES
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 
@@ -58,9 +66,22 @@ def absolute(uri: str) -> str:
     return os.path.abspath(uri)
 
 
-def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
+def read_bytes(uri: str, storage_options: dict[str, Any], attempts: int = 4) -> bytes:
+    """Read a whole object; transient errors are retried with exponential backoff.
+
+    A missing object is not transient: FileNotFoundError is raised at once.
+    """
     fs, path = filesystem(uri, storage_options)
-    return fs.cat_file(path)
+    for attempt in range(attempts):
+        try:
+            return fs.cat_file(path)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def write_atomic(uri: str, data: bytes, storage_options: dict[str, Any]) -> None:

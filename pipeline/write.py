@@ -1,27 +1,32 @@
-"""Encode and write: harmonized pixels in, result rows out (Ray CPU tasks).
+"""Encode and write: harmonized pixels in, images and results Parquet out.
 
 Enters: pyarrow batches from `harmonize.py` (`harmonized_pixels`, `output_width`,
 `output_height`, model columns, metrics, passthrough columns).
-Leaves: rows in the results schema (`schemas/results.py`) followed by the passthrough
-columns; each ok row's image is already on storage at `output_uri`
-(`{output}/images/{safe sample_id}.{format}`), written atomically, before its row exists.
+Leaves: `write_images` (Ray CPU tasks) writes each ok row's image to `output_uri`
+(`{output}/images/{safe sample_id}.{format}`) and only then emits the row, in the results
+schema (`schemas/results.py`) followed by the passthrough columns. `ResultsSink` writes those
+rows as Parquet files under `{output}/results/{run_id}/`. Both write atomically, so a crash
+leaves whole files or none, and no result row points at a missing image.
 """
 
 from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
+from ray.data import Datasink
+from ray.data._internal.execution.interfaces import TaskContext
+from ray.data.block import Block, BlockAccessor
 
 from pipeline.config import RunConfig
 from pipeline.storage import join, safe_key, write_atomic
 from schemas.results import RESULTS_SCHEMA
-
-_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
 def encode(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -88,3 +93,30 @@ def write_images(batch: pa.Table, config: RunConfig, schema: pa.Schema) -> pa.Ta
         else:
             raise KeyError(f"passthrough column {field.name!r} missing from the batch")
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+class ResultsSink(Datasink[int]):
+    """One Parquet file per write task, written atomically (Ray's own Parquet writer is not).
+
+    File names come from the task index, so a retried task replaces its own file instead of
+    adding a second copy of its rows.
+    """
+
+    def __init__(self, directory: str, config: RunConfig) -> None:
+        self.directory = directory
+        self.storage_options = config.storage_options
+
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> int:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        tables = [table for table in tables if table.num_rows]
+        if not tables:
+            return 0
+        table = pa.concat_tables(tables)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        uri = join(self.directory, f"part-{ctx.task_idx:06d}.parquet")
+        write_atomic(uri, buffer.getvalue(), self.storage_options)
+        return table.num_rows
+
+    def get_name(self) -> str:
+        return "Results"

@@ -1,0 +1,121 @@
+"""Incremental runs, resume after the driver is SIGKILLed, actor death and retry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline.config import ModelConfig, RunConfig
+from pipeline.run import list_runs, read_results, run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def grown_manifest(demo_manifest: str, path: Path, copies: int) -> str:
+    """The demo rows repeated under new ids (same images), as a bigger manifest."""
+    table = pq.read_table(demo_manifest)
+    base = Path(demo_manifest).parent
+    parts = []
+    for copy in range(copies):
+        ids = pa.array([f"{sid}-{copy}" for sid in table["sample_id"].to_pylist()])
+        part = table.set_column(0, "sample_id", ids)
+        for column in ("composite_uri", "mask_uri", "real_uri"):
+            absolute = [str(base / uri) for uri in part[column].to_pylist()]
+            part = part.set_column(part.schema.get_field_index(column), column, pa.array(absolute))
+        parts.append(part)
+    pq.write_table(pa.concat_tables(parts), path)
+    return str(path)
+
+
+def all_results(output: str) -> pa.Table:
+    table = read_results(os.path.join(output, "results"), {})
+    assert table is not None
+    return table
+
+
+def test_incremental_runs_process_only_new_samples(
+    ray_cluster: None, demo_manifest: str, tmp_path: Path
+) -> None:
+    output = str(tmp_path / "out")
+    small = pq.read_table(demo_manifest).slice(0, 3)
+    pq.write_table(small, Path(demo_manifest).parent / "small.parquet")
+    model = ModelConfig(resolution=128)
+
+    def config(manifest: str, run_id: str, model: ModelConfig = model) -> RunConfig:
+        return RunConfig(manifest, output, model=model, run_id=run_id, show_progress=False)
+
+    first = run(config(str(Path(demo_manifest).parent / "small.parquet"), "day1"))
+    assert (first.samples, first.skipped) == (3, 0)
+    second = run(config(demo_manifest, "day2"))  # the manifest grew from 3 to 8 samples
+    assert (second.samples, second.ok, second.skipped) == (5, 5, 3)
+    third = run(config(demo_manifest, "day3"))
+    assert (third.samples, third.skipped) == (0, 8)
+    ids = all_results(output)["sample_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 8
+    # A changed parameter is another model output: everything is processed again.
+    changed = run(config(demo_manifest, "day4", ModelConfig(resolution=64)))
+    assert (changed.samples, changed.skipped) == (8, 0)
+
+    runs = list_runs(output, {}).to_pylist()
+    assert [(r["run_id"], r["ok"], r["error"]) for r in runs] == [
+        ("day1", 3, 0), ("day2", 5, 0), ("day4", 8, 0),
+    ]  # fmt: skip
+    assert runs[0]["params_hash"] == runs[1]["params_hash"] != runs[2]["params_hash"]
+
+
+def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
+    manifest = grown_manifest(demo_manifest, tmp_path / "big.parquet", copies=12)  # 96 samples
+    output = tmp_path / "out"
+    command = [sys.executable, str(REPO / "jobs" / "harmonize.py"), "--manifest", manifest,
+               "--output", str(output), "--no-progress", "--ray-address", "local",
+               "--num-cpus", "4", "--batch-size", "2"]  # fmt: skip
+    driver = subprocess.Popen(
+        [*command, "--run-id", "killed"], cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    results = output / "results" / "killed"
+    deadline = time.monotonic() + 240
+    while not list(results.glob("part-*.parquet")):
+        assert driver.poll() is None, "the run ended before any results were written"
+        assert time.monotonic() < deadline, "no results file after 240 s"
+        time.sleep(0.02)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local cluster it started
+    driver.wait()
+
+    partial = pads.dataset(str(output / "results")).to_table()
+    assert 0 < partial.num_rows < 96, "the kill came too late to test a resume"
+    for uri in partial["output_uri"].to_pylist():  # no row points at a missing image
+        assert Path(uri).is_file()
+
+    resumed = subprocess.run(
+        [*command, "--run-id", "resumed"], cwd=REPO, capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{partial.num_rows} already done, skipped" in resumed.stdout
+
+    final = all_results(str(output))
+    ids = final["sample_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 96 and set(final["status"].to_pylist()) == {"ok"}
+    images = [p for p in (output / "images").iterdir() if not p.name.startswith(".")]
+    assert len(images) == 96
+
+
+def test_actor_death_is_retried(ray_cluster: None, demo_manifest: str, tmp_path: Path) -> None:
+    marker = tmp_path / "crashed"
+    config = RunConfig(
+        demo_manifest, str(tmp_path / "out"), model=ModelConfig(resolution=64),
+        show_progress=False, crash_once_marker=str(marker),
+    )  # fmt: skip
+    summary = run(config)
+    assert marker.exists(), "the fault was not injected"
+    assert (summary.samples, summary.ok) == (8, 8)
+    ids = all_results(config.output)["sample_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 8
