@@ -8,10 +8,12 @@ Leaves: the same rows with URIs made absolute and these columns added:
 A row that cannot be fetched or decoded gets `status = "error"`, empty pixels and an error
 message naming the sample, the stage and the cause; the other rows go on.
 
-Decoding rules: EXIF orientation is applied (to composite, mask and real alike); any PIL mode
-becomes RGB (16-bit images are scaled to 8 bits, transparency is dropped); masks become one
-channel and are binarized at 0.5. A mask of another size than its composite is resized to
-it (nearest) when the aspect ratios agree within 1 %, otherwise the sample is an error.
+Decoding rules: EXIF orientation is applied (a mask without its own takes the composite's);
+any PIL mode becomes RGB (16-bit images are scaled to 8 bits, transparency is dropped);
+masks become one channel and are binarized at 0.5. A mask of another size than its composite
+is resized to it (nearest) when the aspect ratios agree within 1 %, otherwise the sample is an
+error. Empty and full masks are errors (nothing to harmonize, or nothing to match). The real
+image, when given, is resized to the composite's size if it differs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 from pipeline.config import RunConfig
 from pipeline.storage import read_bytes, resolve
@@ -39,6 +41,7 @@ class SampleError(Exception):
 
 
 def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    """Decode `data` (EXIF orientation not yet applied), refusing images over the pixel limit."""
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as exc:
@@ -51,9 +54,31 @@ def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:
         )
     try:
         image.load()
-        return ImageOps.exif_transpose(image)
     except Exception as exc:
         raise SampleError(f"{what} could not be decoded ({exc})") from None
+    return image
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored)."""
+    return int(image.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+
+
+def orient(image: Image.Image, tag: int) -> Image.Image:
+    """Apply EXIF orientation `tag` to `image` (as ImageOps.exif_transpose does)."""
+    method = _ORIENTATION_TRANSPOSE.get(tag)
+    return image.transpose(method) if method is not None else image
+
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -68,19 +93,17 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
-def decode_rgb(data: bytes, what: str, max_pixels: int) -> np.ndarray:
-    """Image bytes -> (H, W, 3) uint8 RGB."""
-    image = _to_8bit(_open(data, what, max_pixels))
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8 RGB; alpha is dropped (harmonization is colour only)."""
+    image = _to_8bit(image)
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
-        image = image.convert("RGB")  # drops alpha: harmonization works on colour only
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def decode_mask(data: bytes, max_pixels: int) -> np.ndarray:
-    """Mask bytes -> (H, W) uint8 in {0, 1}: grey level >= 0.5 is foreground."""
-    image = _to_8bit(_open(data, "mask", max_pixels))
+def to_mask(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> (H, W) uint8 in {0, 1}: grey level >= 0.5 is foreground."""
+    image = _to_8bit(image)
     if image.mode in ("P", "PA", "RGBA", "LA"):
         image = image.convert("RGBA").convert("L")
     grey = np.asarray(image.convert("L"), dtype=np.uint8)
@@ -103,17 +126,31 @@ def fit_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 def decode_sample(
     composite: bytes, mask: bytes, real: bytes | None, max_pixels: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    composite_rgb = decode_rgb(composite, "composite", max_pixels)
+    """Bytes -> composite (H, W, 3), mask (H, W) in {0, 1}, real (H, W, 3) or None.
+
+    EXIF orientation: each image's own tag is applied. A mask without one, stored at the
+    composite's stored size, gets the composite's orientation (it was drawn on the same pixels).
+    """
+    composite_image = _open(composite, "composite", max_pixels)
+    composite_tag = orientation(composite_image)
+    composite_rgb = to_rgb(orient(composite_image, composite_tag))
     height, width = composite_rgb.shape[:2]
-    mask_binary = fit_mask(decode_mask(mask, max_pixels), height, width)
+
+    mask_image = _open(mask, "mask", max_pixels)
+    mask_tag = orientation(mask_image)
+    if mask_tag == 1 and mask_image.size == composite_image.size:
+        mask_tag = composite_tag
+    mask_binary = fit_mask(to_mask(orient(mask_image, mask_tag)), height, width)
     foreground = int(mask_binary.sum())
     if foreground == 0:
         raise SampleError("mask is empty: no foreground to harmonize")
     if foreground == mask_binary.size:
         raise SampleError("mask covers the whole image: no background to harmonize against")
+
     real_rgb = None
     if real is not None:
-        real_rgb = decode_rgb(real, "real", max_pixels)
+        real_image = _open(real, "real", max_pixels)
+        real_rgb = to_rgb(orient(real_image, orientation(real_image)))
         if real_rgb.shape[:2] != (height, width):
             resized = Image.fromarray(real_rgb).resize((width, height), Image.Resampling.BILINEAR)
             real_rgb = np.asarray(resized)

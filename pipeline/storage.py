@@ -108,14 +108,15 @@ def write_atomic(uri: str, data: bytes, storage_options: dict[str, Any]) -> None
     fs.pipe_file(path, data)
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+|\.{2,}")
 
 
 def safe_key(sample_id: str, max_length: int = 120) -> str:
     """A file name for `sample_id` that stays inside the output folder on any store.
 
-    Characters other than letters, digits, '.', '_' and '-' become '_', leading dots go, and
-    when anything changed a hash of the original id is appended so that two ids never collide.
+    Characters other than letters, digits, '.', '_' and '-', and runs of dots, become '_';
+    leading dots go; when anything changed, a hash of the original id is appended so that two
+    ids never collide.
     """
     key = _UNSAFE.sub("_", sample_id).lstrip(".")[:max_length]
     if key != sample_id or not key:
