@@ -45,7 +45,7 @@ class HarmonizeActor:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.harmonizer = load_harmonizer(config.model)
+        self.harmonizer = load_harmonizer(config.model, config.storage_options)
         self.device = self.harmonizer.device
         self.params = config.model.output_params()
         self.fingerprint = self.harmonizer.fingerprint

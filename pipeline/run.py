@@ -124,7 +124,7 @@ def probe_params_hash(config: RunConfig) -> str:
     and hash its fingerprint with the output parameters."""
 
     def probe() -> str:
-        harmonizer = load_harmonizer(config.model)
+        harmonizer = load_harmonizer(config.model, config.storage_options)
         return params_hash(config.model.name, harmonizer.fingerprint, config.model.output_params())
 
     return ray.get(ray.remote(**actor_resources(config))(probe).remote())

@@ -140,3 +140,53 @@ def test_invalid_manifest_fails_before_the_run(tmp_path: Any) -> None:
     result = CliRunner().invoke(app, ["run", "-m", str(manifest), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "missing required column 'mask_uri'" in result.output
+
+
+def test_diffharmony_cli_through_ray_is_deterministic(
+    ray_cluster: None, demo_manifest: str, tmp_path: Any
+) -> None:
+    """The tiny random-weight checkpoint, in the official layout, through the real pipeline."""
+    from tiny_checkpoint import write_tiny_model_dir
+
+    model_dir = write_tiny_model_dir(tmp_path / "model")
+    outputs = {}
+    for batch_size in (3, 1):
+        output = str(tmp_path / f"out-b{batch_size}")
+        result = CliRunner().invoke(
+            app,
+            ["run", "-m", demo_manifest, "-o", output, "--model", "diffharmony",
+             "--model-dir", str(model_dir), "--resolution", "64", "--steps", "2",
+             "--batch-size", str(batch_size), "--no-progress", "--run-id", "tiny"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "8 ok, 0 error" in result.output
+        config = RunConfig(manifest=demo_manifest, output=output, run_id="tiny")
+        results = check_outputs(config, demo_manifest)
+        assert set(results["model"].to_pylist()) == {"diffharmony"}
+        assert len(set(results["model_fingerprint"].to_pylist())) == 1
+        outputs[batch_size] = {
+            r["sample_id"]: decode(r["output_uri"], {}).astype(int) for r in results.to_pylist()
+        }
+    # A sample's output does not depend on its batch (float rounding may move one grey level).
+    for sample_id, image in outputs[3].items():
+        assert np.abs(image - outputs[1][sample_id]).max() <= 1
+
+
+def test_diffharmony_model_dir_on_s3(
+    ray_cluster: None, s3_server: dict[str, Any], s3_bucket: str, tmp_path: Any
+) -> None:
+    from tiny_checkpoint import write_tiny_model_dir
+
+    model_dir = write_tiny_model_dir(tmp_path / "model")
+    fs, _ = filesystem(f"s3://{s3_bucket}", s3_server)
+    fs.put(str(model_dir), f"{s3_bucket}/models/tiny", recursive=True)
+    manifest = build_demo(f"s3://{s3_bucket}/demo", s3_server)
+    model = ModelConfig(
+        name="diffharmony", model_dir=f"s3://{s3_bucket}/models/tiny", resolution=64, steps=1,
+        refine=False, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    config = RunConfig(manifest=manifest, output=f"s3://{s3_bucket}/out", model=model,
+                       storage_options=s3_server, show_progress=False)  # fmt: skip
+    summary = run(config)
+    assert (summary.samples, summary.ok) == (8, 8), summary.errors
+    check_outputs(config, manifest)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ FINGERPRINT_VERSION = "diffharmony-v1"
 class DiffHarmonyHarmonizer(Harmonizer):
     name = "diffharmony"
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, storage_options: dict[str, Any] | None = None) -> None:
         super().__init__(config)
         if not config.model_dir:
             raise ModelDirError("diffharmony needs a model directory (--model-dir)")
@@ -60,6 +61,7 @@ class DiffHarmonyHarmonizer(Harmonizer):
             load_refiner=config.refine,
             allow_unsafe_pickle=config.allow_unsafe_pickle,
             cache_dir=config.cache_dir,
+            storage_options=storage_options,
         )
         self.unet = components.unet
         self.vae = components.vae
