@@ -233,6 +233,27 @@ def model_check_command(
     typer.echo(f"{model_dir}: OK")
 
 
+@app.command("runs")
+def runs_command(
+    output: OutputArg,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """List the runs under an output prefix: ok / error counts, model, parameters, times."""
+    from pipeline.run import list_runs
+
+    runs = list_runs(output, parse_storage_options(storage_option, endpoint_url)).to_pylist()
+    if not runs:
+        typer.echo(f"no runs under {output}")
+        return
+    typer.echo(f"{'run_id':<26} {'model':<12} {'params_hash':<17} {'ok':>8} {'error':>6}  finished")
+    for run in runs:
+        typer.echo(
+            f"{run['run_id']:<26} {run['model']:<12} {run['params_hash']:<17} "
+            f"{run['ok']:>8} {run['error']:>6}  {run['finished']:%Y-%m-%d %H:%M:%S}"
+        )
+
+
 @app.command("schema")
 def schema_command() -> None:
     """Print the manifest and results schemas with column descriptions."""

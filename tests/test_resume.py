@@ -12,7 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.run import list_runs, read_results, run
 
@@ -69,6 +71,12 @@ def test_incremental_runs_process_only_new_samples(
         ("day1", 3, 0), ("day2", 5, 0), ("day4", 8, 0),
     ]  # fmt: skip
     assert runs[0]["params_hash"] == runs[1]["params_hash"] != runs[2]["params_hash"]
+    listed = CliRunner().invoke(app, ["runs", "--output", output])
+    assert listed.exit_code == 0, listed.output
+    lines = [line.split() for line in listed.output.splitlines()[1:]]
+    assert [(line[0], line[3], line[4]) for line in lines] == [
+        ("day1", "3", "0"), ("day2", "5", "0"), ("day4", "8", "0"),
+    ]  # fmt: skip
 
 
 def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
