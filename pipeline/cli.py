@@ -157,6 +157,9 @@ def run_command(
     progress: ProgressArg = True,
     num_cpus: NumCpusArg = None,
     ray_address: RayAddressArg = None,
+    results_rows_per_file: Annotated[
+        int, typer.Option(help="Rows per results Parquet file (what a crash can cost to redo).")
+    ] = 1000,
 ) -> None:
     """Harmonize every sample of a manifest and write images + results Parquet.
 
@@ -184,7 +187,8 @@ def run_command(
         manifest=manifest, output=output, model=model_config, image_format=image_format,  # type: ignore[arg-type]
         batch_size=batch_size, concurrency=concurrency, max_pixels=max_pixels,
         storage_options=parse_storage_options(storage_option, endpoint_url),
-        show_progress=progress, num_cpus=num_cpus, ray_address=ray_address, **extra,
+        show_progress=progress, num_cpus=num_cpus, ray_address=ray_address,
+        results_rows_per_file=results_rows_per_file, **extra,
     )  # fmt: skip
     try:
         summary = run(config)

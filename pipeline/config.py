@@ -64,6 +64,8 @@ class RunConfig:
     batch_size: int = 4
     # Number of harmonizer actors (GPU actors take one GPU each).
     concurrency: int = 1
+    # Rows per results Parquet file: also how much finished work a crash can cost to redo.
+    results_rows_per_file: int = 1000
     # Images above this many pixels are refused per sample (protects memory).
     max_pixels: int = 64_000_000
     # fsspec storage options (endpoint_url, key, secret, …); never printed.

@@ -6,6 +6,7 @@ Leaves: `{output}/images/…` (one image per ok sample), `{output}/results/{run_
 
     read_parquet(manifest)                       rows
     → map_batches(drop_done)          (fused)    rows not yet done with these parameters
+    → repartition(16 rows per block)  streaming  parallel fetch tasks, steady flow
     → map_batches(fetch_and_decode)   CPU tasks  + decoded pixels, status, error
     → map_batches(HarmonizeActor)     actor pool + harmonized pixels, model columns, metrics
     → map_batches(write_images)       CPU tasks  images written; rows in the results schema
@@ -147,6 +148,10 @@ def build_dataset(config: RunConfig, manifest: Manifest, done: pa.Array | None =
         dataset = dataset.map_batches(
             drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow", num_cpus=0.5
         )
+    # Manifest rows are tiny, so a read block can hold a whole file; cut the stream into
+    # small blocks (streaming, no barrier) so that fetch tasks run in parallel and finished
+    # rows flow on to the model and to storage while the rest is still being read.
+    dataset = dataset.repartition(target_num_rows_per_block=IO_BATCH_SIZE)
     dataset = dataset.map_batches(
         fetch_and_decode,
         fn_kwargs={"config": config, "base_dir": manifest.base_dir},

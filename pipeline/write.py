@@ -105,6 +105,11 @@ class ResultsSink(Datasink[int]):
     def __init__(self, directory: str, config: RunConfig) -> None:
         self.directory = directory
         self.storage_options = config.storage_options
+        self.rows_per_file = config.results_rows_per_file
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
 
     def write(self, blocks: Iterable[Block], ctx: TaskContext) -> int:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]

@@ -84,7 +84,8 @@ def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
     output = tmp_path / "out"
     command = [sys.executable, str(REPO / "jobs" / "harmonize.py"), "--manifest", manifest,
                "--output", str(output), "--no-progress", "--ray-address", "local",
-               "--num-cpus", "4", "--batch-size", "2"]  # fmt: skip
+               "--num-cpus", "4", "--batch-size", "2",
+               "--results-rows-per-file", "8"]  # fmt: skip
     driver = subprocess.Popen(
         [*command, "--run-id", "killed"], cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
