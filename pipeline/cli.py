@@ -225,11 +225,17 @@ def demo_command(
 def model_check_command(
     model_dir: Annotated[str, typer.Argument(help="Model directory (path or URI).")],
     allow_unsafe_pickle: PickleArg = False,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
 ) -> None:
     """Validate a DiffHarmony model directory: layout, configs, shapes, weight keys."""
     from pipeline.models.loading import check_model_dir
 
-    problems = check_model_dir(model_dir, allow_unsafe_pickle=allow_unsafe_pickle)
+    problems = check_model_dir(
+        model_dir,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+        storage_options=parse_storage_options(storage_option, endpoint_url),
+    )
     if problems:
         for problem in problems:
             typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
