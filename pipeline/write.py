@@ -62,7 +62,7 @@ def write_images(batch: pa.Table, config: RunConfig, schema: pa.Schema) -> pa.Ta
         start = time.perf_counter()
         uri = output_uri(config, ids[i])
         try:
-            data = batch["harmonized_pixels"][i].as_py()
+            data = batch["harmonized_pixels"][i].as_buffer()  # no copy
             pixels = np.frombuffer(data, np.uint8).reshape(heights[i], widths[i], 3)
             write_atomic(uri, encode(pixels, config.image_format, config.jpeg_quality),
                          config.storage_options)  # fmt: skip
