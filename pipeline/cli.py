@@ -8,6 +8,7 @@ Leaves: a `RunConfig` handed to `pipeline.run.run`, and a printed summary.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -211,13 +212,18 @@ def demo_command(
     model_dir: ModelDirArg = None,
     build_only: Annotated[bool, typer.Option(help="Only build the dataset.")] = False,
 ) -> None:
-    """Build the bundled demo dataset (scikit-image photos) and harmonize it on local Ray."""
+    """Build the bundled demo dataset (scikit-image photos) and harmonize it on local Ray.
+
+    The previous demo output, if any, is replaced.
+    """
     from pipeline.demo import build_demo
 
     manifest = build_demo(str(root.resolve()))
     typer.echo(f"demo dataset: {manifest}")
     if build_only:
         return
+    if output.exists():  # the demo starts afresh; a re-run would skip every done sample
+        shutil.rmtree(output)
     run_command(manifest=manifest, output=str(output.resolve()), model=model, model_dir=model_dir)
 
 
