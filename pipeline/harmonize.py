@@ -24,7 +24,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.fetch import PIXEL_COLUMNS
 from pipeline.models import HarmonizeBatch, load_harmonizer, sample_seed
-from pipeline.score import ground_truth_metrics
+from pipeline.score import score_batch
 from schemas.results import METRIC_COLUMNS
 
 
@@ -77,20 +77,9 @@ class HarmonizeActor:
         harmonize_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        metrics: dict[str, list[float]] = {
-            name: [float("nan")] * len(rows) for name in METRIC_COLUMNS
-        }
-        with_real = [k for k, real in enumerate(reals) if real is not None]
-        if with_real:
-            scored = ground_truth_metrics(
-                [harmonized[k] for k in with_real],
-                [composites[k] for k in with_real],
-                [reals[k] for k in with_real],  # type: ignore[misc]
-                [masks[k] for k in with_real],
-            )
-            for name, values in scored.items():
-                for k, value in zip(with_real, values.cpu().tolist()):
-                    metrics[name][k] = value
+        with torch.inference_mode():
+            scored = score_batch(harmonized, composites, masks, reals)
+        metrics = {name: scored[name].cpu().tolist() for name in METRIC_COLUMNS}
         pixels = [
             (image.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous()
             for image in harmonized

@@ -2,23 +2,71 @@
 
 Enters: harmonized, composite and (optional) real images as lists of (3, H, W) tensors in
 [0, 1] and their (1, H, W) binary masks.
-Leaves: a dict of metric name -> (B,) float64 tensor; NaN where a metric does not apply.
+Leaves: a dict of metric name -> (B,) float64 tensor; NaN where a metric does not apply
+(`score_batch` returns every column of `schemas.results.METRIC_COLUMNS`).
+
+Images are put on the uint8 scale [0, 255] first (rounded, as the written file holds them).
 
 Ground-truth metrics follow the official iHarmony4 evaluation: images resized to 256x256,
 values on the uint8 scale [0, 255]:
   mse  = mean over pixels and channels of (out - real)^2
-  psnr = 10 log10(255^2 / mse)
+  psnr = 10 log10(255^2 / mse)                                   (inf when identical)
   fmse = sum(mask * (out - real)^2) / (channels * sum(mask))   (foreground MSE)
   bmse = the same over (1 - mask)                               (background MSE)
+  ssim = mean SSIM over pixels and channels, Gaussian window (sigma 1.5, 11x11), data range
+         255, population covariances, the 5-pixel border left out: what scikit-image's
+         `structural_similarity(..., gaussian_weights=True, sigma=1.5,
+         use_sample_covariance=False, data_range=255)` computes
+  mse_full, psnr_full = mse and psnr at the output's own size (no 256 px resize; the real is
+         resized to the output when `--output-size model` made it square)
+
+Reference-free metrics (every sample), at the output's own size (composite and mask resized
+to it when they differ) unless said otherwise:
+  bg_psnr = 10 log10(255^2 / bmse(out, composite)), capped at BG_PSNR_CAP dB: an untouched
+         background has bmse 0 (infinite PSNR); the cap keeps means finite
+  fg_change = sum(mask * |out - composite|) / (channels * sum(mask))
+  lab_gap(x) = || (mean_fg - mean_bg, std_fg - std_bg) || over the 3 CIE Lab channels of x,
+         at 256x256: lab_gap_before of the composite, lab_gap_after of the output
+  sharpness_ratio = hf(out) / hf(composite), hf = mean Laplacian^2 of the luminance over the
+         mask's interior (the mask eroded by 3x3: its edge does not count) divided by the
+         luminance variance there (so that a contrast or colour change alone leaves it at 1
+         and only a loss of detail lowers it)
+  mask_area = sum(mask) / (H * W) at the input's size
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
-from pipeline.imaging import resize_each
+import torch
+import torch.nn.functional as F
+
+from pipeline.imaging import resize, resize_each, rgb_to_lab
 
 EVAL_SIZE = 256
+# An identical background has infinite PSNR; capping it keeps means and histograms finite.
+# 100 dB is an MSE of 6.5e-6 (uint8 scale): about one grey level in one channel of one pixel
+# of a 256x256 background (101 dB). Below 100 dB, the background was changed.
+BG_PSNR_CAP = 100.0
+# scikit-image's Gaussian SSIM: sigma 1.5, truncated at 3.5 sigma (an 11x11 window).
+SSIM_SIGMA = 1.5
+SSIM_TRUNCATE = 3.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+# The metrics that need `real_uri`; NaN (stored as null) for samples without ground truth.
+GROUND_TRUTH_METRICS = (
+    "mse", "psnr", "fmse", "bmse", "composite_mse", "composite_psnr", "composite_fmse",
+    "ssim", "mse_full", "psnr_full",
+)  # fmt: skip
+# ITU-R BT.601 luma, as PIL's "L" conversion.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def quantize(image: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[0, 1] images -> `dtype` on the uint8 scale, rounded as the written file holds them.
+
+    The arithmetic is done in the image's own dtype, as `HarmonizeActor` does before writing,
+    so that values on a rounding boundary land on the same grey level as in the file."""
+    return (image.clamp(0, 1) * 255.0).round().to(dtype)
 
 
 def to_eval_scale(images: list[torch.Tensor]) -> torch.Tensor:
@@ -32,19 +80,147 @@ def masks_to_eval_scale(masks: list[torch.Tensor]) -> torch.Tensor:
     return (resize_each([mask.float() for mask in masks], EVAL_SIZE, mode="nearest") > 0.5).double()
 
 
+# Full-resolution images are compared in float32 (uint8 values and their squared differences
+# are exact in it, at half the cost of float64) and summed in float64 (sums of millions of
+# terms are not exact in float32).
+_SUM = {"dim": (1, 2, 3), "dtype": torch.float64}
+
+
 def mse(output: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    return ((output - real) ** 2).mean(dim=(1, 2, 3))
+    return ((output - real) ** 2).sum(**_SUM) / output[0].numel()
 
 
 def psnr(output: torch.Tensor, real: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
     return 10.0 * torch.log10(data_range**2 / mse(output, real))
 
 
+def _nan_where_empty(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return total / count.where(count > 0, torch.full_like(count, float("nan")))
+
+
 def region_mse(output: torch.Tensor, real: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """MSE restricted to `region` (B, 1, H, W); NaN where the region is empty."""
-    squared = ((output - real) ** 2 * region).sum(dim=(1, 2, 3))
-    count = region.sum(dim=(1, 2, 3)) * output.shape[1]
-    return squared / count.where(count > 0, torch.full_like(count, float("nan")))
+    squared = ((output - real) ** 2 * region).sum(**_SUM)
+    return _nan_where_empty(squared, region.sum(**_SUM) * output.shape[1])
+
+
+def region_mean_abs(
+    output: torch.Tensor, other: torch.Tensor, region: torch.Tensor
+) -> torch.Tensor:
+    """Mean absolute difference inside `region` (B, 1, H, W); NaN where it is empty."""
+    total = ((output - other).abs() * region).sum(**_SUM)
+    return _nan_where_empty(total, region.sum(**_SUM) * output.shape[1])
+
+
+def _gaussian_window(device: torch.device) -> torch.Tensor:
+    """scipy.ndimage's Gaussian kernel: radius int(truncate * sigma + 0.5), normalized."""
+    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    weights = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
+    return weights / weights.sum()
+
+
+def ssim(output: torch.Tensor, real: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
+    """Mean SSIM of (B, C, H, W) images (as scikit-image's Gaussian SSIM, see the top).
+
+    The window is applied without padding: scikit-image filters with reflected borders and
+    then drops the border the window overlaps, which leaves exactly the valid region.
+    """
+    x, y = output.double(), real.double()
+    channels = x.shape[1]
+    window = _gaussian_window(x.device)
+    size = window.numel()
+    rows = window.view(1, 1, size, 1).expand(channels, 1, size, 1)
+    cols = window.view(1, 1, 1, size).expand(channels, 1, 1, size)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, rows, groups=channels), cols, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+    return index.mean(dim=(1, 2, 3))
+
+
+def lab_gap(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Distance between foreground and background Lab statistics of (B, 3, H, W) [0, 1] images.
+
+    sqrt(sum over L, a, b of (mean_fg - mean_bg)^2 + (std_fg - std_bg)^2); NaN when either
+    region is empty.
+    """
+    lab = rgb_to_lab(images.double())
+    stats = []
+    for region in (mask, 1.0 - mask):
+        count = region.sum(dim=(2, 3), keepdim=True)
+        safe = count.clamp(min=1.0)
+        mean = (lab * region).sum(dim=(2, 3), keepdim=True) / safe
+        variance = ((lab - mean) ** 2 * region).sum(dim=(2, 3), keepdim=True) / safe
+        stats.append((mean, variance.clamp(min=0).sqrt(), count))
+    (fg_mean, fg_std, fg_count), (bg_mean, bg_std, bg_count) = stats
+    squared = ((fg_mean - bg_mean) ** 2 + (fg_std - bg_std) ** 2).sum(dim=(1, 2, 3))
+    empty = (fg_count.flatten() == 0) | (bg_count.flatten() == 0)
+    return squared.sqrt().masked_fill(empty, float("nan"))
+
+
+def interior(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H - 2, W - 2): 1 where the 3x3 block around a pixel is all foreground."""
+    m = mask > 0.5
+    rows = m[:, :, :-2] & m[:, :, 1:-1] & m[:, :, 2:]
+    return (rows[..., :-2] & rows[..., 1:-1] & rows[..., 2:]).float()
+
+
+def high_frequency_fraction(images: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Laplacian energy of the luminance over `region`, divided by the luminance variance there.
+
+    images (B, 3, H, W) on any scale; region (B, 1, H - 2, W - 2), the pixels whose 3x3
+    Laplacian is taken (`interior(mask)`: the mask's own edge, where a model may legitimately
+    change the transition, does not count). NaN for an empty region or a flat one.
+    """
+    luma = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    y = (images * luma).sum(dim=1, keepdim=True)
+    centre = y[:, :, 1:-1, 1:-1]
+    # The 4-neighbour Laplacian on the valid region, by slicing (cheaper than a conv2d).
+    laplacian = (
+        y[:, :, :-2, 1:-1] + y[:, :, 2:, 1:-1] + y[:, :, 1:-1, :-2] + y[:, :, 1:-1, 2:] - 4 * centre
+    )
+    count = region.sum(**_SUM)
+    safe = count.clamp(min=1.0)
+    energy = (laplacian**2 * region).sum(**_SUM) / safe
+    mean = (centre * region).sum(**_SUM) / safe
+    deviation = centre - mean.to(centre.dtype).view(-1, 1, 1, 1)
+    variance = (deviation**2 * region).sum(**_SUM) / safe
+    fraction = energy / variance.where(variance > 1e-9, torch.full_like(variance, math.nan))
+    return fraction.masked_fill(count == 0, math.nan)
+
+
+def sharpness_ratio(
+    output: torch.Tensor, composite: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """hf(output) / hf(composite) over the foreground: < 1 blurrier, 1 same detail, > 1 sharper."""
+    if min(output.shape[-2:]) < 3:  # no interior at all; a metric must not fail a sample
+        return torch.full(output.shape[:1], math.nan, dtype=torch.float64, device=output.device)
+    region = interior(mask)
+    before = high_frequency_fraction(composite, region)
+    after = high_frequency_fraction(output, region)
+    return after / before.where(before > 0, torch.full_like(before, math.nan))
+
+
+def capped_psnr(error: torch.Tensor, cap: float = BG_PSNR_CAP) -> torch.Tensor:
+    """PSNR (uint8 data range) of an MSE, at most `cap` dB; NaN stays NaN."""
+    return (10.0 * torch.log10(255.0**2 / error)).clamp(max=cap)
+
+
+def _at_output_size(
+    image: torch.Tensor, output: torch.Tensor, mode: str = "bilinear"
+) -> torch.Tensor:
+    """`image` (C, h, w) resized to `output`'s size when `--output-size model` made them differ."""
+    return resize(image[None].float(), tuple(output.shape[-2:]), mode)[0]
 
 
 def ground_truth_metrics(
@@ -53,11 +229,22 @@ def ground_truth_metrics(
     real: list[torch.Tensor],
     mask: list[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Official-convention metrics of the output, and of the composite as the baseline."""
-    output_eval = to_eval_scale(harmonized)
-    composite_eval = to_eval_scale(composite)
-    real_eval = to_eval_scale(real)
-    mask_eval = masks_to_eval_scale(mask)
+    """Official-convention metrics of the output, and of the composite as the baseline,
+    with SSIM and full-resolution MSE / PSNR."""
+    metrics = _ground_truth_at_eval_scale(
+        to_eval_scale(harmonized), to_eval_scale(composite), to_eval_scale(real),
+        masks_to_eval_scale(mask),
+    )  # fmt: skip
+    metrics.update(full_resolution_metrics(harmonized, real))
+    return metrics
+
+
+def _ground_truth_at_eval_scale(
+    output_eval: torch.Tensor,
+    composite_eval: torch.Tensor,
+    real_eval: torch.Tensor,
+    mask_eval: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     return {
         "mse": mse(output_eval, real_eval),
         "psnr": psnr(output_eval, real_eval),
@@ -66,4 +253,78 @@ def ground_truth_metrics(
         "composite_mse": mse(composite_eval, real_eval),
         "composite_psnr": psnr(composite_eval, real_eval),
         "composite_fmse": region_mse(composite_eval, real_eval, mask_eval),
+        "ssim": ssim(output_eval, real_eval),
     }
+
+
+def full_resolution_metrics(
+    harmonized: list[torch.Tensor], real: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """mse_full / psnr_full at each output's own size (one image at a time: sizes differ)."""
+    errors = []
+    for output, truth in zip(harmonized, real):
+        out = quantize(output, torch.float32)[None]
+        truth = quantize(_at_output_size(truth, output), torch.float32)[None]
+        errors.append(mse(out, truth))
+    error = torch.cat(errors)
+    return {"mse_full": error, "psnr_full": 10.0 * torch.log10(255.0**2 / error)}
+
+
+def reference_free_metrics(
+    harmonized: list[torch.Tensor],
+    composite: list[torch.Tensor],
+    mask: list[torch.Tensor],
+    output_eval: torch.Tensor | None = None,
+    composite_eval: torch.Tensor | None = None,
+    mask_eval: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Metrics that need no ground truth (see the top); the *_eval tensors when already made."""
+    output_eval = to_eval_scale(harmonized) if output_eval is None else output_eval
+    composite_eval = to_eval_scale(composite) if composite_eval is None else composite_eval
+    mask_eval = masks_to_eval_scale(mask) if mask_eval is None else mask_eval
+    per_image: dict[str, list[torch.Tensor]] = {
+        "bg_psnr": [], "fg_change": [], "sharpness_ratio": [], "mask_area": [],
+    }  # fmt: skip
+    for output, source, region in zip(harmonized, composite, mask):
+        per_image["mask_area"].append((region > 0.5).double().mean().view(1))
+        # Compare at the output's size: it equals the input's unless --output-size model.
+        out = quantize(output, torch.float32)[None]
+        comp = quantize(_at_output_size(source, output), torch.float32)[None]
+        fg = (_at_output_size(region, output, "nearest") > 0.5).float()[None]
+        per_image["bg_psnr"].append(capped_psnr(region_mse(out, comp, 1.0 - fg)))
+        per_image["fg_change"].append(region_mean_abs(out, comp, fg))
+        per_image["sharpness_ratio"].append(sharpness_ratio(out, comp, fg))
+    metrics = {name: torch.cat(values) for name, values in per_image.items()}
+    metrics["lab_gap_before"] = lab_gap(composite_eval / 255.0, mask_eval)
+    metrics["lab_gap_after"] = lab_gap(output_eval / 255.0, mask_eval)
+    return metrics
+
+
+def score_batch(
+    harmonized: list[torch.Tensor],
+    composite: list[torch.Tensor],
+    mask: list[torch.Tensor],
+    real: list[torch.Tensor | None],
+) -> dict[str, torch.Tensor]:
+    """Every metric for a batch: reference-free ones for all samples, ground-truth ones where
+    `real` is given (NaN elsewhere). One resize to 256 px per image serves both."""
+    output_eval = to_eval_scale(harmonized)
+    composite_eval = to_eval_scale(composite)
+    mask_eval = masks_to_eval_scale(mask)
+    metrics = reference_free_metrics(
+        harmonized, composite, mask, output_eval, composite_eval, mask_eval
+    )
+    n = len(harmonized)
+    for name in GROUND_TRUTH_METRICS:
+        metrics[name] = torch.full((n,), math.nan, dtype=torch.float64, device=output_eval.device)
+    with_real = [k for k in range(n) if real[k] is not None]
+    if with_real:
+        truth = [image for image in real if image is not None]
+        index = torch.tensor(with_real, device=output_eval.device)
+        scored = _ground_truth_at_eval_scale(
+            output_eval[index], composite_eval[index], to_eval_scale(truth), mask_eval[index]
+        )
+        scored.update(full_resolution_metrics([harmonized[k] for k in with_real], truth))
+        for name, values in scored.items():
+            metrics[name][index] = values
+    return metrics

@@ -13,6 +13,13 @@ def _field(name: str, type_: pa.DataType, description: str, nullable: bool = Tru
     return pa.field(name, type_, nullable=nullable, metadata={"description": description})
 
 
+def _metric(name: str, description: str, better: str) -> pa.Field:
+    """A metric column: float64, null where it does not apply (no ground truth, empty region)."""
+    suffix = "no better direction" if better == "none" else f"{better} is better"
+    field = _field(name, pa.float64(), f"{description}; {suffix}")
+    return field.with_metadata({**field.metadata, b"better": better.encode()})
+
+
 RESULTS_FIELDS = [
     _field("sample_id", pa.string(), "the manifest's sample id", nullable=False),
     _field("composite_uri", pa.string(), "composite image read (absolute URI)"),
@@ -39,26 +46,50 @@ RESULTS_FIELDS = [
     _field("harmonize_s", pa.float64(), "seconds of model time (batch time / batch size)"),
     _field("score_s", pa.float64(), "seconds computing metrics (batch time / batch size)"),
     _field("write_s", pa.float64(), "seconds encoding and writing the output image"),
-    _field("mse", pa.float64(), "MSE harmonized vs real, 256x256 uint8 scale; lower is better"),
-    _field("psnr", pa.float64(), "PSNR harmonized vs real (dB, data range 255); higher is better"),
-    _field("fmse", pa.float64(), "foreground MSE harmonized vs real, 256x256; lower is better"),
-    _field("bmse", pa.float64(), "background MSE harmonized vs real, 256x256; lower is better"),
-    _field("composite_mse", pa.float64(), "MSE composite vs real, same convention (baseline)"),
-    _field("composite_psnr", pa.float64(), "PSNR composite vs real, same convention (baseline)"),
-    _field("composite_fmse", pa.float64(), "fMSE composite vs real, same convention (baseline)"),
+    # Metrics (pipeline/score.py; README "Metrics"). "better" says which way is better.
+    _metric("mse", "MSE harmonized vs real, 256x256 uint8 scale; [0, 65025]", "lower"),
+    _metric("psnr", "PSNR harmonized vs real, 10 log10(255^2 / mse) dB; [0, inf]", "higher"),
+    _metric("fmse", "foreground MSE harmonized vs real, 256x256; [0, 65025]", "lower"),
+    _metric("bmse", "background MSE harmonized vs real, 256x256; [0, 65025]", "lower"),
+    _metric("composite_mse", "MSE composite vs real, same convention (baseline)", "lower"),
+    _metric("composite_psnr", "PSNR composite vs real, same convention (baseline)", "higher"),
+    _metric("composite_fmse", "fMSE composite vs real, same convention (baseline)", "lower"),
+    _metric("ssim", "SSIM harmonized vs real, 256x256, Gaussian window; [-1, 1]", "higher"),
+    _metric("mse_full", "MSE harmonized vs real at the output's own size; [0, 65025]", "lower"),
+    _metric("psnr_full", "PSNR harmonized vs real at the output's own size (dB)", "higher"),
+    _metric(
+        "bg_psnr",
+        "PSNR output vs composite outside the mask (dB), capped at 100 (untouched background)",
+        "higher",
+    ),
+    _metric(
+        "fg_change", "mean |output - composite| inside the mask, uint8 scale; [0, 255]", "none"
+    ),
+    _metric(
+        "lab_gap_before",
+        "distance of foreground to background Lab mean/std in the composite; [0, inf)",
+        "lower",
+    ),
+    _metric(
+        "lab_gap_after",
+        "distance of foreground to background Lab mean/std in the output; [0, inf)",
+        "lower",
+    ),
+    _metric(
+        "sharpness_ratio",
+        "foreground Laplacian energy / variance, output over composite; <1 blurrier, 1 same",
+        "closer to 1",
+    ),
+    _metric("mask_area", "fraction of the image inside the mask; (0, 1)", "none"),
     _field("run_id", pa.string(), "the run that produced this row", nullable=False),
     _field("created_at", pa.timestamp("us", tz="UTC"), "when the row was written"),
 ]
 RESULTS_SCHEMA = pa.schema(RESULTS_FIELDS)
-METRIC_COLUMNS = [
-    "mse",
-    "psnr",
-    "fmse",
-    "bmse",
-    "composite_mse",
-    "composite_psnr",
-    "composite_fmse",
-]
+METRIC_COLUMNS = [f.name for f in RESULTS_FIELDS if f.metadata and b"better" in f.metadata]
+# Which way each metric is better: "higher", "lower", "closer to 1" or "none" (a description).
+METRIC_BETTER = {
+    f.name: f.metadata[b"better"].decode() for f in RESULTS_FIELDS if f.name in METRIC_COLUMNS
+}
 
 
 def results_schema_with(passthrough: pa.Schema | list[pa.Field]) -> pa.Schema:
