@@ -25,6 +25,11 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+manifest_app = typer.Typer(
+    help="Build a manifest: from the iHarmony4 layout, or any folder with a naming rule.",
+    no_args_is_help=True,
+)
+app.add_typer(manifest_app, name="manifest")
 
 
 def parse_storage_options(values: list[str], endpoint_url: str | None) -> dict[str, Any]:
@@ -280,6 +285,226 @@ def schema_command() -> None:
         for field in schema:
             description = (field.metadata or {}).get(b"description", b"").decode()
             typer.echo(f"  {field.name:<18} {field.type!s:<24} {description}")
+
+
+ManifestOutArg = Annotated[
+    str, typer.Option("--out", help="Manifest Parquet file to write (path or URI).")
+]
+
+
+def _print_build(build: Any) -> None:
+    """Run a manifest build; its report goes to stdout, a build that cannot be made exits 1."""
+    from pipeline.manifests import ManifestBuildError
+    from schemas.manifest import ManifestError
+
+    try:
+        report = build()
+    except (ManifestBuildError, ManifestError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.text())
+
+
+@manifest_app.command("iharmony4")
+def manifest_iharmony4_command(
+    root: Annotated[str, typer.Argument(help="iHarmony4 root (path or URI).")],
+    out: ManifestOutArg,
+    split: Annotated[str, typer.Option(help="train or test (IHD_{split}.txt).")] = "test",
+    subset: Annotated[
+        list[str], typer.Option(help="Only this subset (repeatable), e.g. HAdobe5k.")
+    ] = [],  # noqa: B006 (typer reads the default)
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """Manifest of an iHarmony4 split: sample_id = composite stem, real_uri, subset.
+
+    Samples with missing files are left out and listed; the build goes on.
+    """
+    from pipeline.manifests import build_iharmony4
+
+    options = parse_storage_options(storage_option, endpoint_url)
+    _print_build(lambda: build_iharmony4(root, out, split, subset or None, options))
+
+
+@manifest_app.command("folder")
+def manifest_folder_command(
+    root: Annotated[str, typer.Argument(help="Folder (path or URI).")],
+    composites: Annotated[str, typer.Option(help="Glob of the composites, relative to ROOT.")],
+    masks: Annotated[str, typer.Option(help="Mask of each composite, e.g. 'masks/{stem}.png'.")],
+    out: ManifestOutArg,
+    real: Annotated[
+        str | None, typer.Option(help="Ground truth of each composite, e.g. 'real/{stem}.jpg'.")
+    ] = None,
+    match: Annotated[
+        str | None,
+        typer.Option(help="Regex on the composite's path under ROOT; named groups fill patterns."),
+    ] = None,
+    sample_id: Annotated[str, typer.Option(help="sample_id pattern.")] = "{stem}",
+    subset: Annotated[str | None, typer.Option(help="Pattern of a 'subset' column.")] = None,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """Manifest of any folder. Patterns use {stem}, {filename}, {ext}, {dir} and --match groups.
+
+    Samples with missing files are left out and listed; the build goes on.
+    """
+    from pipeline.manifests import build_folder
+
+    options = parse_storage_options(storage_option, endpoint_url)
+    _print_build(
+        lambda: build_folder(root, out, composites, masks, real, match, sample_id, subset, options)
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    results: Annotated[
+        str, typer.Option(help="A run's --output, its results/ folder or one results/{run_id}.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    use_gt_bg: Annotated[
+        bool, typer.Option(help="Paste the ground-truth background first (official --use_gt_bg).")
+    ] = False,
+    composites: Annotated[
+        bool, typer.Option(help="Score the composites instead (the unharmonized baseline).")
+    ] = False,
+    params_hash: Annotated[
+        str | None, typer.Option(help="Which parameter set, when the results hold several.")
+    ] = None,
+    per_image: Annotated[
+        str | None, typer.Option(help="Also write per-image metrics to this Parquet URI.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Threads fetching and decoding images.")] = 16,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """The official iHarmony4 table, recomputed from the images of a run.
+
+    MSE, PSNR, fMSE and bMSE at 256x256 on the uint8 scale, per subset and All (mean over
+    images), and by foreground ratio (0-5 %, 5-15 %, 15-100 %).
+    """
+    from pipeline.evaluate import EvaluationError, evaluate
+
+    options = parse_storage_options(storage_option, endpoint_url)
+    try:
+        evaluation = evaluate(
+            results, options, use_gt_bg=use_gt_bg, params_hash=params_hash,
+            score="composite" if composites else "output", workers=workers,
+        )  # fmt: skip
+    except EvaluationError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if per_image:
+        written = evaluation.write_per_image(per_image, options)
+        typer.echo(f"per-image metrics: {written}", err=True)
+    typer.echo(evaluation.to_json() if as_json else evaluation.text())
+    if evaluation.per_image.num_rows == 0:
+        typer.secho("error: no sample could be scored", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+QueryResultsArg = Annotated[
+    str,
+    typer.Option(
+        help="A run's --output, its results/ folder or one results/{run_id} (path or URI)."
+    ),
+]
+QueryParamsHashArg = Annotated[
+    str | None, typer.Option(help="Which parameter set, when the results hold several.")
+]
+
+
+def _query_failed(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2) from None
+
+
+@app.command("select")
+def select_command(
+    results: QueryResultsArg,
+    where: Annotated[
+        str,
+        typer.Option(
+            help="SQL condition over the results columns (DuckDB), e.g. "
+            '"bg_psnr > 35 AND lab_gap_after < lab_gap_before".'
+        ),
+    ],
+    out: Annotated[str, typer.Option("--out", help="Training manifest Parquet to write.")],
+    metric: Annotated[
+        list[str], typer.Option(help="Metric to copy as metric_NAME (repeatable; default all).")
+    ] = [],  # noqa: B006 (typer reads the default)
+    params_hash: QueryParamsHashArg = None,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """Keep the samples whose latest ok result satisfies --where: a training manifest.
+
+    It holds sample_id, image_uri (harmonized) and the same URI as composite_uri (so that
+    `harmonize run` reads it back), mask_uri, real_uri, provenance, metric_* columns and the
+    original manifest's extra columns.
+    """
+    from pipeline.query import QueryError, select
+
+    options = parse_storage_options(storage_option, endpoint_url)
+    try:
+        selection = select(results, where, out, options, metrics=metric or None,
+                           params_hash=params_hash)  # fmt: skip
+    except QueryError as exc:
+        _query_failed(exc)
+    typer.echo(selection.text())
+    if selection.selected == 0:
+        typer.secho("warning: no sample matched; the manifest is empty", err=True)
+
+
+@app.command("stats")
+def stats_command(
+    results: QueryResultsArg,
+    where: Annotated[str | None, typer.Option(help="Only the samples matching this.")] = None,
+    params_hash: QueryParamsHashArg = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """Ok / error counts, per-metric quantiles and, with a subset column, means per subset."""
+    from pipeline.query import QueryError, stats
+
+    options = parse_storage_options(storage_option, endpoint_url)
+    try:
+        summary = stats(results, options, params_hash=params_hash, where=where)
+    except QueryError as exc:
+        _query_failed(exc)
+    typer.echo(summary.to_json() if as_json else summary.text())
+
+
+@app.command("report")
+def report_command(
+    results: QueryResultsArg,
+    out: Annotated[str, typer.Option("--out", help="HTML file to write (path or URI).")],
+    metric: Annotated[
+        str | None,
+        typer.Option(help="Rank samples by this metric (default psnr, else lab_gap_after)."),
+    ] = None,
+    count: Annotated[int, typer.Option(help="Samples in each of best / worst / random.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the random pick.")] = 0,
+    where: Annotated[str | None, typer.Option(help="Only the samples matching this.")] = None,
+    params_hash: QueryParamsHashArg = None,
+    thumbnail_size: Annotated[int, typer.Option(help="Longest thumbnail side in px.")] = 192,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """One self-contained HTML page: metric histograms, best / worst / random thumbnails."""
+    from pipeline.query import QueryError
+    from pipeline.report import build_report
+
+    options = parse_storage_options(storage_option, endpoint_url)
+    try:
+        summary = build_report(
+            results, out, options, metric=metric, count=count, seed=seed, where=where,
+            params_hash=params_hash, thumbnail_size=thumbnail_size,
+        )  # fmt: skip
+    except QueryError as exc:
+        _query_failed(exc)
+    typer.echo(summary.text())
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
