@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.storage import absolute, filesystem, join, to_pyarrow, write_atomic
+from pipeline.storage import absolute, filesystem, join, parquet_dataset, write_atomic
 from schemas.manifest import ManifestError, validate_manifest
 from schemas.results import METRIC_BETTER, METRIC_COLUMNS, RESULTS_SCHEMA
 
@@ -55,19 +55,14 @@ def results_location(uri: str, storage_options: dict[str, Any]) -> str:
 
 def open_results(uri: str, storage_options: dict[str, Any]) -> pads.Dataset:
     """Every results Parquet file under `uri`, as one dataset over the union of their schemas."""
-    fs, path = filesystem(uri, storage_options)
-    if not fs.exists(path):
-        raise QueryError(f"no results at {uri}")
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-    if not files:
+    dataset = parquet_dataset(uri, storage_options)
+    if dataset is None:
         raise QueryError(f"no results Parquet files under {uri}")
-    factory = pads.FileSystemDatasetFactory(to_pyarrow(fs), files, pads.ParquetFileFormat())
-    # Every file's footer, not only the first's: runs of different versions add columns.
-    schema = factory.inspect(promote_options="permissive", fragments=None)
+    schema = dataset.schema
     missing = {"sample_id", "status"} - set(schema.names)
     if missing:
         raise QueryError(f"{uri} holds Parquet files that are not results (no {sorted(missing)})")
-    return factory.finish(schema)
+    return dataset
 
 
 def quote_identifier(name: str) -> str:

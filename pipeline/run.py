@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import ray
 import torch
 from ray.data import ActorPoolStrategy, DataContext, Dataset
@@ -37,7 +36,7 @@ from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, params_hash
 from pipeline.manifest import Manifest, open_manifest
 from pipeline.models import load_harmonizer
-from pipeline.storage import filesystem, join, to_pyarrow
+from pipeline.storage import filesystem, join, parquet_dataset, to_pyarrow
 from pipeline.write import ResultsSink, write_images
 from schemas.results import results_schema_with
 
@@ -80,13 +79,9 @@ def read_results(
     uri: str, storage_options: dict, columns: list[str] | None = None
 ) -> pa.Table | None:
     """Every results Parquet file under `uri` (all runs), or None when there are none."""
-    fs, path = filesystem(uri, storage_options)
-    if not fs.exists(path):
+    dataset = parquet_dataset(uri, storage_options)
+    if dataset is None:
         return None
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-    if not files:
-        return None
-    dataset = pads.dataset(files, filesystem=to_pyarrow(fs))
     if columns is not None:
         columns = [c for c in columns if c in dataset.schema.names]
     return dataset.to_table(columns=columns)

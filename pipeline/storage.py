@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import fsspec
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
@@ -38,6 +39,22 @@ def to_pyarrow(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def parquet_dataset(uri: str, storage_options: dict[str, Any]) -> pads.Dataset | None:
+    """Every Parquet file under `uri` as one dataset over the union of their schemas, or None.
+
+    Every file's footer is read, not only the first's: runs written by different versions of
+    the pipeline hold different columns, and a column missing from a file reads as null.
+    """
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+    if not files:
+        return None
+    factory = pads.FileSystemDatasetFactory(to_pyarrow(fs), files, pads.ParquetFileFormat())
+    return factory.finish(factory.inspect(promote_options="permissive", fragments=None))
 
 
 def has_protocol(uri: str) -> bool:

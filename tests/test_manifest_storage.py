@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import open_manifest
+from pipeline.run import read_results
 from pipeline.storage import resolve, safe_key, write_atomic
 from schemas.manifest import ManifestError
 
@@ -79,3 +80,20 @@ def test_write_atomic_leaves_no_temporary(tmp_path: Path) -> None:
     write_atomic(str(target), b"y", {})
     assert target.read_bytes() == b"y"
     assert [p.name for p in target.parent.iterdir()] == ["a.bin"]
+
+
+def test_results_of_runs_with_different_columns_read_as_one_table(tmp_path: Path) -> None:
+    # An older run without a metric column sorts first; its column must not hide the newer one.
+    results = tmp_path / "results"
+    (results / "run=a").mkdir(parents=True)
+    (results / "run=b").mkdir(parents=True)
+    write(results / "run=a" / "part-0.parquet", {"sample_id": ["x"], "status": ["ok"]})
+    write(
+        results / "run=b" / "part-0.parquet",
+        {"sample_id": ["y"], "status": ["ok"], "ssim": [0.5]},
+    )
+    (results / "run=b" / ".part-1.parquet.0f.tmp").write_bytes(b"half-written")
+    table = read_results(str(results), {}).sort_by("sample_id")
+    assert table.column("ssim").to_pylist() == [None, 0.5]
+    assert read_results(str(results), {}, ["sample_id", "absent"]).column_names == ["sample_id"]
+    assert read_results(str(tmp_path / "nothing"), {}) is None
