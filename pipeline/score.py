@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.imaging import resize, resize_each, rgb_to_lab
 
@@ -127,14 +126,20 @@ def ssim(output: torch.Tensor, real: torch.Tensor, data_range: float = 255.0) ->
     then drops the border the window overlaps, which leaves exactly the valid region.
     """
     x, y = output.double(), real.double()
-    channels = x.shape[1]
-    window = _gaussian_window(x.device)
-    size = window.numel()
-    rows = window.view(1, 1, size, 1).expand(channels, 1, size, 1)
-    cols = window.view(1, 1, 1, size).expand(channels, 1, 1, size)
+    weights = _gaussian_window(x.device).tolist()
+    size = len(weights)
 
     def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, rows, groups=channels), cols, groups=channels)
+        # Separable, as in-place weighted sums of shifted views: several times faster on CPU
+        # than a grouped float64 conv2d (which has no fast kernel), and as exact.
+        h, w = t.shape[-2] - size + 1, t.shape[-1] - size + 1
+        rows = t[..., 0:h, :] * weights[0]
+        for i in range(1, size):
+            rows.add_(t[..., i : i + h, :], alpha=weights[i])
+        out = rows[..., :, 0:w] * weights[0]
+        for i in range(1, size):
+            out.add_(rows[..., :, i : i + w], alpha=weights[i])
+        return out
 
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x**2
@@ -154,13 +159,15 @@ def lab_gap(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     sqrt(sum over L, a, b of (mean_fg - mean_bg)^2 + (std_fg - std_bg)^2); NaN when either
     region is empty.
     """
-    lab = rgb_to_lab(images.double())
+    # Pixels in float32 (ample for statistics in Lab units, and twice as fast), sums in float64.
+    lab = rgb_to_lab(images.float())
+    sums = {"dim": (2, 3), "keepdim": True, "dtype": torch.float64}
     stats = []
-    for region in (mask, 1.0 - mask):
-        count = region.sum(dim=(2, 3), keepdim=True)
+    for region in (mask.float(), 1.0 - mask.float()):
+        count = region.sum(**sums)
         safe = count.clamp(min=1.0)
-        mean = (lab * region).sum(dim=(2, 3), keepdim=True) / safe
-        variance = ((lab - mean) ** 2 * region).sum(dim=(2, 3), keepdim=True) / safe
+        mean = (lab * region).sum(**sums) / safe
+        variance = (torch.square(lab - mean.float()) * region).sum(**sums) / safe
         stats.append((mean, variance.clamp(min=0).sqrt(), count))
     (fg_mean, fg_std, fg_count), (bg_mean, bg_std, bg_count) = stats
     squared = ((fg_mean - bg_mean) ** 2 + (fg_std - bg_std) ** 2).sum(dim=(1, 2, 3))
