@@ -6,13 +6,13 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,bench]"
 	@# Headless Chromium for the report's browser test; best effort (root with apt only), the
 	@# test is skipped without it.
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
@@ -31,6 +31,11 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# CPU benchmarks (about 20 minutes on 2 cores); bench/RESULTS.md says what they print.
+bench: install
+	$(BIN)/python -m bench.overhead
+	$(BIN)/python -m bench.io_path
 
 clean:
 	rm -rf demo_data demo_output
