@@ -55,6 +55,9 @@ def results_location(uri: str, storage_options: dict[str, Any]) -> str:
 
 def open_results(uri: str, storage_options: dict[str, Any]) -> pads.Dataset:
     """Every results Parquet file under `uri`, as one dataset over the union of their schemas."""
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        raise QueryError(f"no results at {uri}")
     dataset = parquet_dataset(uri, storage_options)
     if dataset is None:
         raise QueryError(f"no results Parquet files under {uri}")
