@@ -11,7 +11,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -30,6 +30,12 @@ manifest_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(manifest_app, name="manifest")
+
+
+def _fail(exc: Exception, code: int) -> NoReturn:
+    """A user's mistake or a missing input: one red line, no traceback, exit `code`."""
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code) from None
 
 
 def parse_storage_options(values: list[str], endpoint_url: str | None) -> dict[str, Any]:
@@ -199,8 +205,7 @@ def run_command(
     try:
         summary = run(config)
     except ManifestError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     # Per-sample errors are results (status = error), not a failed run: the exit code stays 0.
     typer.echo(summary.text())
 
@@ -287,6 +292,17 @@ def schema_command() -> None:
             typer.echo(f"  {field.name:<18} {field.type!s:<24} {description}")
 
 
+ResultsArg = Annotated[
+    str,
+    typer.Option(
+        help="A run's --output, its results/ folder or one results/{run_id} (path or URI)."
+    ),
+]
+ParamsHashArg = Annotated[
+    str | None, typer.Option(help="Which parameter set, when the results hold several.")
+]
+
+
 ManifestOutArg = Annotated[
     str, typer.Option("--out", help="Manifest Parquet file to write (path or URI).")
 ]
@@ -300,8 +316,7 @@ def _print_build(build: Any) -> None:
     try:
         report = build()
     except (ManifestBuildError, ManifestError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
     typer.echo(report.text())
 
 
@@ -358,9 +373,7 @@ def manifest_folder_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    results: Annotated[
-        str, typer.Option(help="A run's --output, its results/ folder or one results/{run_id}.")
-    ],
+    results: ResultsArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     use_gt_bg: Annotated[
         bool, typer.Option(help="Paste the ground-truth background first (official --use_gt_bg).")
@@ -368,9 +381,7 @@ def evaluate_command(
     composites: Annotated[
         bool, typer.Option(help="Score the composites instead (the unharmonized baseline).")
     ] = False,
-    params_hash: Annotated[
-        str | None, typer.Option(help="Which parameter set, when the results hold several.")
-    ] = None,
+    params_hash: ParamsHashArg = None,
     per_image: Annotated[
         str | None, typer.Option(help="Also write per-image metrics to this Parquet URI.")
     ] = None,
@@ -392,8 +403,7 @@ def evaluate_command(
             score="composite" if composites else "output", workers=workers,
         )  # fmt: skip
     except EvaluationError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     if per_image:
         written = evaluation.write_per_image(per_image, options)
         typer.echo(f"per-image metrics: {written}", err=True)
@@ -403,25 +413,9 @@ def evaluate_command(
         raise typer.Exit(1)
 
 
-QueryResultsArg = Annotated[
-    str,
-    typer.Option(
-        help="A run's --output, its results/ folder or one results/{run_id} (path or URI)."
-    ),
-]
-QueryParamsHashArg = Annotated[
-    str | None, typer.Option(help="Which parameter set, when the results hold several.")
-]
-
-
-def _query_failed(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2) from None
-
-
 @app.command("select")
 def select_command(
-    results: QueryResultsArg,
+    results: ResultsArg,
     where: Annotated[
         str,
         typer.Option(
@@ -433,7 +427,7 @@ def select_command(
     metric: Annotated[
         list[str], typer.Option(help="Metric to copy as metric_NAME (repeatable; default all).")
     ] = [],  # noqa: B006 (typer reads the default)
-    params_hash: QueryParamsHashArg = None,
+    params_hash: ParamsHashArg = None,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
 ) -> None:
@@ -450,7 +444,7 @@ def select_command(
         selection = select(results, where, out, options, metrics=metric or None,
                            params_hash=params_hash)  # fmt: skip
     except QueryError as exc:
-        _query_failed(exc)
+        _fail(exc, 2)
     typer.echo(selection.text())
     if selection.selected == 0:
         typer.secho("warning: no sample matched; the manifest is empty", err=True)
@@ -458,9 +452,9 @@ def select_command(
 
 @app.command("stats")
 def stats_command(
-    results: QueryResultsArg,
+    results: ResultsArg,
     where: Annotated[str | None, typer.Option(help="Only the samples matching this.")] = None,
-    params_hash: QueryParamsHashArg = None,
+    params_hash: ParamsHashArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
@@ -472,13 +466,13 @@ def stats_command(
     try:
         summary = stats(results, options, params_hash=params_hash, where=where)
     except QueryError as exc:
-        _query_failed(exc)
+        _fail(exc, 2)
     typer.echo(summary.to_json() if as_json else summary.text())
 
 
 @app.command("report")
 def report_command(
-    results: QueryResultsArg,
+    results: ResultsArg,
     out: Annotated[str, typer.Option("--out", help="HTML file to write (path or URI).")],
     metric: Annotated[
         str | None,
@@ -487,7 +481,7 @@ def report_command(
     count: Annotated[int, typer.Option(help="Samples in each of best / worst / random.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed of the random pick.")] = 0,
     where: Annotated[str | None, typer.Option(help="Only the samples matching this.")] = None,
-    params_hash: QueryParamsHashArg = None,
+    params_hash: ParamsHashArg = None,
     thumbnail_size: Annotated[int, typer.Option(help="Longest thumbnail side in px.")] = 192,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
@@ -503,7 +497,7 @@ def report_command(
             params_hash=params_hash, thumbnail_size=thumbnail_size,
         )  # fmt: skip
     except QueryError as exc:
-        _query_failed(exc)
+        _fail(exc, 2)
     typer.echo(summary.text())
 
 

@@ -51,7 +51,7 @@ from PIL import Image
 from pipeline.fetch import orient, orientation, to_mask, to_rgb
 from pipeline.run import read_results
 from pipeline.score import EVAL_SIZE, mse, psnr, region_mse
-from pipeline.storage import absolute, filesystem, join, read_bytes, write_atomic
+from pipeline.storage import absolute, read_bytes, results_location, write_atomic
 
 METRICS = ("mse", "psnr", "fmse", "bmse")
 # (label, low, high): low <= ratio < high, as the official script buckets them.
@@ -270,10 +270,7 @@ def score_batch(
 
 
 def _results_table(results_uri: str, storage_options: dict[str, Any]) -> tuple[str, pa.Table]:
-    uri = absolute(results_uri)
-    fs, path = filesystem(uri, storage_options)
-    if fs.isdir(join(path, "results")):  # an output prefix: read only its results
-        uri = join(uri, "results")
+    uri = results_location(results_uri, storage_options)
     table = read_results(uri, storage_options, _COLUMNS)
     if table is None or table.num_rows == 0:
         raise EvaluationError(f"no results Parquet under {results_uri}")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.storage import absolute, filesystem, join, parquet_dataset, write_atomic
+from pipeline.storage import absolute, filesystem, parquet_dataset, results_location, write_atomic
 from schemas.manifest import ManifestError, validate_manifest
 from schemas.results import METRIC_BETTER, METRIC_COLUMNS, RESULTS_SCHEMA
 
@@ -42,15 +42,6 @@ SUBSET_TABLE = ("mse", "psnr", "fmse", "ssim", "bg_psnr", "lab_gap_after", "shar
 
 class QueryError(ValueError):
     """The results cannot be queried as asked; the message says why and what to do."""
-
-
-def results_location(uri: str, storage_options: dict[str, Any]) -> str:
-    """The folder of results Parquet files that `uri` names (an output prefix -> results/)."""
-    uri = absolute(uri)
-    fs, path = filesystem(uri, storage_options)
-    if fs.isdir(join(path, "results")):
-        return join(uri, "results")
-    return uri
 
 
 def open_results(uri: str, storage_options: dict[str, Any]) -> pads.Dataset:
