@@ -19,13 +19,18 @@ sd-vae-ft-mse VAE; the official "base" refiner preset; `--tiny` swaps in the tes
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one UNet call and one whole
   `harmonize` (batch 1); achieved TFLOP/s = FLOPs per image x images/s, against the measured
   bf16 matmul peak of the card (an 8192^3 matmul timed);
-- optimisations, each against the plain `ours` row of the same shape: math attention instead of
-  SDPA (what SDPA buys), channels_last, torch.compile of the UNet (`--compile`, opt-in: it
+- where the time goes: each component (one UNet call, VAE encode, VAE decode, refiner) timed
+  on its own with its FLOPs, against the whole `harmonize`; `--profile-dir` adds a
+  torch.profiler table of one call;
+- optimisations (`--variants`), each against the plain `ours` row of the same shape, with the
+  output's relative error against the plain output: math attention instead of SDPA (what SDPA
+  buys), channels_last, torch.compile of UNet, VAE and refiner (`--compile`, opt-in: it
   compiles for minutes), inputs on the host copied on a side stream with the next batch
   prefetched vs copied synchronously, and the batch size that free GPU memory allows (a linear
   fit of peak memory against batch size).
 
-Run on a GPU machine (each well under 10 minutes on an H100; JSON for RESULTS.md):
+`bench/gpu_check.sh` runs the whole GPU check (CUDA tests, 512 and 1024 px, compile) in one
+command. Or run on a GPU machine (each well under 10 minutes on an H100; JSON for RESULTS.md):
 
     .venv/bin/python -m bench.gpu --resolutions 512 --json gpu-512.json
     .venv/bin/python -m bench.gpu --resolutions 1024 --batch-sizes 1,2,4,8 --json gpu-1024.json
@@ -334,6 +339,93 @@ def bench_ours(
     return seconds, peak_memory(device)
 
 
+def outputs_of(
+    harmonizer: Any, resolution: int, batch_size: int, device: torch.device, args: Any
+) -> torch.Tensor:
+    """The harmonized images of the benchmark's inputs (same seeds each call), stacked."""
+    composites, masks = make_inputs(batch_size, args.input_size or resolution, device)
+    batch = HarmonizeBatch([f"s{i}" for i in range(batch_size)], composites, masks,
+                           list(range(batch_size)))  # fmt: skip
+    with torch.inference_mode():
+        return torch.stack(harmonizer.harmonize(batch)).double().cpu()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||; NaN anywhere gives NaN."""
+    return float((out - ref).norm() / ref.norm())
+
+
+def component_breakdown(
+    harmonizer: Any, resolution: int, batch_size: int, device: torch.device, args: Any
+) -> dict[str, dict[str, float]]:
+    """Seconds per call and achieved TFLOP/s of each component on its own, at `batch_size`:
+    one UNet call (stage 1 runs `steps` of them), VAE encode, VAE decode, refiner at 256, and
+    the whole `harmonize`; "other" is what the whole spends outside the components (resizes,
+    random draws, the ancestral step, carry-back). Says which part bounds the throughput."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, b, r = harmonizer, batch_size, resolution
+    latent = r // h.vae_scale_factor
+    out = h.config.output_resolution
+    gen = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device).to(h.dtype)
+
+    image = randn(b, 3, r, r).clamp(-1, 1)
+    sample, latents = randn(b, 9, latent, latent), randn(b, 4, latent, latent)
+    embeds = h.empty_prompt_embeds.expand(b, -1, -1)
+    t = h.scheduler.timesteps[0] if len(h.scheduler.timesteps) else torch.tensor(999)
+    calls: dict[str, Callable[[], Any]] = {
+        "unet_call": lambda: h.unet(sample, t, encoder_hidden_states=embeds, return_dict=False),
+        "vae_encode": lambda: h.vae.encode(image).latent_dist.mean,
+        "vae_decode": lambda: h.vae.decode(latents, return_dict=False),
+    }
+    if h.refiner is not None:
+        channels = h.refiner.config.in_channels
+        refiner_input = randn(b, channels, out, out).clamp(-1, 1)
+        calls["refiner"] = lambda: h.refiner(refiner_input)
+    composites, masks = make_inputs(b, args.input_size or r, device)
+    batch = HarmonizeBatch([f"s{i}" for i in range(b)], composites, masks, list(range(b)))
+    calls["harmonize"] = lambda: h.harmonize(batch)
+
+    result: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            with FlopCounterMode(display=False) as counter:
+                call()
+            seconds = timed(call, device, warmup=args.warmup, iters=args.iters)
+            flops = counter.get_total_flops()
+            result[name] = {"seconds": seconds, "tflops": flops / seconds / 1e12}
+    parts = h.config.steps * result["unet_call"]["seconds"] + sum(
+        result[k]["seconds"] for k in ("vae_encode", "vae_decode", "refiner") if k in result
+    )
+    result["other"] = {"seconds": result["harmonize"]["seconds"] - parts, "tflops": 0.0}
+    return result
+
+
+def profile_table(
+    harmonizer: Any, resolution: int, batch_size: int, device: torch.device, args: Any
+) -> str:
+    """torch.profiler over one `harmonize` call: the top operators by device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    composites, masks = make_inputs(batch_size, args.input_size or resolution, device)
+    batch = HarmonizeBatch([f"s{i}" for i in range(batch_size)], composites, masks,
+                           list(range(batch_size)))  # fmt: skip
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with torch.inference_mode():
+        harmonizer.harmonize(batch)
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            harmonizer.harmonize(batch)
+            synchronize(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30)
+
+
 def bench_official(
     official: Official, resolution: int, batch_size: int, device: torch.device, args: Any
 ) -> tuple[float, int | None]:
@@ -477,11 +569,17 @@ def _channels_last(h: Any) -> Callable[[], None]:
 
 
 def _compile(h: Any) -> Callable[[], None]:
-    eager = h.unet
-    h.unet = torch.compile(eager)
+    """torch.compile (Inductor, default mode) of the UNet, both VAE halves and the refiner:
+    fuses the group-norm + SiLU + residual chains that leave the convolutions memory-bound."""
+    eager = (h.unet, h.vae.encoder, h.vae.decoder, h.refiner)
+    h.unet = torch.compile(h.unet)
+    h.vae.encoder = torch.compile(h.vae.encoder)
+    h.vae.decoder = torch.compile(h.vae.decoder)
+    if h.refiner is not None:
+        h.refiner = torch.compile(h.refiner)
 
     def undo() -> None:
-        h.unet = eager
+        h.unet, h.vae.encoder, h.vae.decoder, h.refiner = eager
 
     return undo
 
@@ -516,6 +614,8 @@ def main() -> None:
                         help="side of the square inputs (default: the resolution)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=None, help="default 5 (--tiny: 2)")
+    parser.add_argument("--variants", default="math,channels_last",
+                        help="optimisations to try: math, channels_last, compile")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also try torch.compile (slow)")
     parser.add_argument("--only-optimisations", action="store_true")
     parser.add_argument("--optimisation-batch-size", type=int, default=8)
@@ -525,6 +625,10 @@ def main() -> None:
         help="count SD-size FLOPs on the meta device (no GPU needed), then stop",
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component times")
+    parser.add_argument(
+        "--profile-dir", type=Path, default=None, help="torch.profiler table of one harmonize"
+    )
     args = parser.parse_args()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
@@ -572,6 +676,18 @@ def main() -> None:
     flops: dict[int, tuple[int, int]] = {}
     suggestions: dict[str, int | None] = {}
 
+    breakdown: dict[str, dict[str, dict[str, float]]] = {}
+
+    def save() -> None:
+        """Written after every row, so that a run stopped at its time limit keeps what it did."""
+        dump_json(args.json, {
+            "args": {k: str(v) for k, v in vars(args).items()}, "device": extra["device"],
+            "torch": torch.__version__, "matmul_bf16_peak_tflops": peak,
+            "flops": {str(k): {"unet_per_step": u, "harmonize": t} for k, (u, t) in flops.items()},
+            "batch_size_suggestions": suggestions, "components": breakdown,
+            "rows": [dataclasses.asdict(r) for r in rows],
+        })  # fmt: skip
+
     def add(row: Row) -> None:
         if row.seconds_per_batch:
             row.images_per_second = row.batch_size / row.seconds_per_batch
@@ -587,6 +703,7 @@ def main() -> None:
             f"{(row.tflops or 0):7.1f} TFLOP/s ({100 * (row.tflops or 0) / peak:5.1f} % of peak), "
             f"UNet {(row.unet_tflops or 0):7.1f} TFLOP/s {row.note}"
         )
+        save()
 
     for dtype_name in dtype_names:
         dtype = DTYPES[dtype_name]
@@ -644,18 +761,41 @@ def main() -> None:
             seconds, mem = bench_ours(harmonizer, resolution, b, device, args)
             add(Row("ours", "baseline", resolution, dtype_name, b, seconds_per_batch=seconds,
                     peak_memory_bytes=mem, note="(reference for the rows below)"))  # fmt: skip
-            variants = [Variant("math attention", _attention("math")),
-                        Variant("channels_last", _channels_last)]  # fmt: skip
-            if args.compile:
-                variants.append(Variant("torch.compile", _compile))
+            parts = (
+                {}
+                if args.no_breakdown
+                else component_breakdown(harmonizer, resolution, b, device, args)
+            )
+            for name, part in parts.items():
+                share = 100 * part["seconds"] / parts["harmonize"]["seconds"]
+                if name == "unet_call":
+                    share *= model.steps
+                print(f"  {name:10s} {1000 * part['seconds']:9.2f} ms per call "
+                      f"({share:5.1f} % of harmonize), {part['tflops']:7.1f} TFLOP/s "
+                      f"({100 * part['tflops'] / peak:5.1f} % of peak)")  # fmt: skip
+            if parts:
+                breakdown[f"{resolution}/{dtype_name}/batch{b}"] = parts
+                save()
+            if args.profile_dir:
+                args.profile_dir.mkdir(parents=True, exist_ok=True)
+                table = profile_table(harmonizer, resolution, b, device, args)
+                (args.profile_dir / f"profile-{resolution}-{dtype_name}.txt").write_text(table)
+            known = {"math": Variant("math attention", _attention("math")),
+                     "channels_last": Variant("channels_last", _channels_last),
+                     "compile": Variant("torch.compile", _compile)}  # fmt: skip
+            names = args.variants.split(",") if args.variants else []
+            variants = [known[name] for name in names + (["compile"] if args.compile else [])]
+            reference = outputs_of(harmonizer, resolution, b, device, args)
             for variant in variants:
                 undo = variant.apply(harmonizer)
                 try:
                     start = time.perf_counter()
                     seconds, mem = bench_ours(harmonizer, resolution, b, device, args)
-                    note = ""
+                    error = relative_error(outputs_of(harmonizer, resolution, b, device, args),
+                                           reference)  # fmt: skip
+                    note = f"(output vs plain: relative error {error:.1e})"
                     if variant.name == "torch.compile":
-                        note = f"(first calls + timing took {time.perf_counter() - start:.0f} s)"
+                        note += f" (first calls + timing took {time.perf_counter() - start:.0f} s)"
                     add(Row("ours", variant.name, resolution, dtype_name, b,
                             seconds_per_batch=seconds, peak_memory_bytes=mem,
                             note=note))  # fmt: skip
@@ -685,11 +825,7 @@ def main() -> None:
             f"{best.batch_size}) vs official {ref.images_per_second:.2f} images/s: "
             f"x{best.images_per_second / ref.images_per_second:.2f} (target >= 2)"
         )
-    dump_json(args.json, {
-        "args": vars(args), "matmul_bf16_peak_tflops": peak,
-        "flops": {str(k): {"unet_per_step": u, "harmonize": t} for k, (u, t) in flops.items()},
-        "batch_size_suggestions": suggestions, "rows": [dataclasses.asdict(r) for r in rows],
-    })  # fmt: skip
+    save()
 
 
 if __name__ == "__main__":

@@ -103,6 +103,10 @@ OutputResolutionArg = Annotated[
 DTypeArg = Annotated[
     str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
 ]
+DeviceArg = Annotated[
+    str,
+    typer.Option(help="Where the model runs: auto (CUDA when there is a GPU), cuda or cpu."),
+]
 FormatArg = Annotated[
     str, typer.Option("--format", help="Output image format: png, jpg or webp (lossless).")
 ]
@@ -158,6 +162,7 @@ def run_command(
     output_size: OutputSizeArg = "input",
     output_resolution: OutputResolutionArg = 256,
     dtype: DTypeArg = "auto",
+    device: DeviceArg = "auto",
     image_format: FormatArg = "png",
     batch_size: BatchArg = 4,
     concurrency: ConcurrencyArg = 1,
@@ -184,6 +189,7 @@ def run_command(
     _check_choice("--model", model, ("reinhard", "diffharmony", "identity"))
     _check_choice("--output-size", output_size, ("input", "model"))
     _check_choice("--dtype", dtype, ("auto", "fp32", "fp16", "bf16"))
+    _check_choice("--device", device, ("auto", "cuda", "cpu"))
     _check_choice("--format", image_format, ("png", "jpg", "webp"))
     if resolution <= 0 or resolution % 8:
         raise typer.BadParameter("must be a positive multiple of 8", param_hint="--resolution")
@@ -192,7 +198,7 @@ def run_command(
     model_config = ModelConfig(
         name=model, model_dir=model_dir, resolution=resolution, steps=steps, seed=seed,  # type: ignore[arg-type]
         refine=refine, output_size=output_size, output_resolution=output_resolution,  # type: ignore[arg-type]
-        dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,  # type: ignore[arg-type]
+        dtype=dtype, device=device, allow_unsafe_pickle=allow_unsafe_pickle,  # type: ignore[arg-type]
     )  # fmt: skip
     extra: dict[str, Any] = {"run_id": run_id} if run_id else {}
     config = RunConfig(

@@ -38,6 +38,9 @@ def test_gpu_bench_smoke_on_cpu(tmp_path: Path) -> None:
             ("ours", "math attention"), ("ours", "channels_last")} <= kinds  # fmt: skip
     assert all(row["images_per_second"] > 0 for row in payload["rows"])
     assert payload["flops"]["64"]["harmonize"] > payload["flops"]["64"]["unet_per_step"] > 0
+    (parts,) = payload["components"].values()
+    assert {"unet_call", "vae_encode", "vae_decode", "refiner", "harmonize", "other"} == set(parts)
+    assert all(parts[k]["seconds"] > 0 < parts[k]["tflops"] for k in ("unet_call", "harmonize"))
     assert "vs official" in out
 
 
