@@ -105,14 +105,30 @@ DTypeArg = Annotated[
 ]
 DeviceArg = Annotated[
     str,
-    typer.Option(help="Where the model runs: auto (CUDA when there is a GPU), cuda or cpu."),
+    typer.Option(
+        help="Where the model runs: auto (GPUs when the Ray cluster has GPU resources, else "
+        "CPU), cuda (fails before any work on a cluster without GPUs) or cpu."
+    ),
 ]
 FormatArg = Annotated[
     str, typer.Option("--format", help="Output image format: png, jpg or webp (lossless).")
 ]
 BatchArg = Annotated[int, typer.Option(help="Samples per model call.")]
 ConcurrencyArg = Annotated[
-    int, typer.Option(help="Harmonizer actors (one GPU each when CUDA is available).")
+    int | None,
+    typer.Option(
+        help="Harmonizer actors. Default: one per GPU of the Ray cluster (per --gpus-per-actor; "
+        "the pool grows as an autoscaler adds GPU nodes), 1 on CPU.",
+        show_default=False,
+    ),
+]
+GpusPerActorArg = Annotated[
+    float | None,
+    typer.Option(
+        help="GPUs per actor: 1 (default), a fraction (0.5: two actors share a card), or whole "
+        "GPUs.",
+        show_default=False,
+    ),
 ]
 MaxPixelsArg = Annotated[
     int, typer.Option(help="Refuse input images with more pixels than this (per-sample error).")
@@ -165,7 +181,8 @@ def run_command(
     device: DeviceArg = "auto",
     image_format: FormatArg = "png",
     batch_size: BatchArg = 4,
-    concurrency: ConcurrencyArg = 1,
+    concurrency: ConcurrencyArg = None,
+    gpus_per_actor: GpusPerActorArg = None,
     max_pixels: MaxPixelsArg = 64_000_000,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
@@ -183,6 +200,7 @@ def run_command(
     Re-running with the same --output processes only the samples not yet done with the same
     model and parameters (incremental daily runs, resume after a crash).
     """
+    from pipeline.placement import PlacementError
     from pipeline.run import run
     from schemas.manifest import ManifestError
 
@@ -203,14 +221,15 @@ def run_command(
     extra: dict[str, Any] = {"run_id": run_id} if run_id else {}
     config = RunConfig(
         manifest=manifest, output=output, model=model_config, image_format=image_format,  # type: ignore[arg-type]
-        batch_size=batch_size, concurrency=concurrency, max_pixels=max_pixels,
+        batch_size=batch_size, concurrency=concurrency, gpus_per_actor=gpus_per_actor,
+        max_pixels=max_pixels,
         storage_options=parse_storage_options(storage_option, endpoint_url),
         show_progress=progress, num_cpus=num_cpus, ray_address=ray_address,
         results_rows_per_file=results_rows_per_file, **extra,
     )  # fmt: skip
     try:
         summary = run(config)
-    except ManifestError as exc:
+    except (ManifestError, PlacementError) as exc:
         _fail(exc, 2)
     # Per-sample errors are results (status = error), not a failed run: the exit code stays 0.
     typer.echo(summary.text())

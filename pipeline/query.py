@@ -301,6 +301,8 @@ class Stats:
     metrics: dict[str, dict[str, Any]]  # name -> count, mean, min, quantiles, max, better
     absent: list[str]  # metric columns these results predate
     subsets: list[dict[str, Any]] = field(default_factory=list)  # subset, images, means
+    # Where the model ran, over `current`: 'cuda:<GPU name>' / 'cpu' / 'unknown' (older results).
+    devices: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers become null)."""
@@ -329,6 +331,7 @@ class Stats:
                 "metrics": self.metrics,
                 "absent_metrics": self.absent,
                 "subsets": self.subsets,
+                "devices": self.devices,
             }
         )
 
@@ -342,8 +345,10 @@ class Stats:
             f"rows: {self.rows} (ok {self.ok_rows}, error {self.error_rows}); samples: "
             f"{self.ok_samples} with an ok result, {self.failed_samples} with errors only"
             + (f"; {self.samples} where {self.where}" if self.where else ""),
-            "",
         ]
+        if self.devices:
+            lines.append("ran on: " + ", ".join(f"{d} ({n})" for d, n in self.devices.items()))
+        lines.append("")
         header = f"{'metric':<16}{'better':<13}{'n':>6}{'mean':>10}{'min':>10}"
         header += "".join(f"{label:>10}" for label in QUANTILE_LABELS) + f"{'max':>10}"
         lines.append(header)
@@ -432,9 +437,15 @@ def compute_stats(results: Results, where: str | None = None) -> Stats:
         subsets.append(
             {"subset": "All", "images": values[0], "means": {n: metrics[n]["mean"] for n in names}}
         )
+    devices: dict[str, int] = {}
+    if "device" in results.columns:
+        for device, n in results.connection.sql(
+            "SELECT coalesce(device, 'unknown'), count(*) FROM current GROUP BY ALL ORDER BY 2 DESC"
+        ).fetchall():
+            devices[device] = n
     return Stats(
         results_uri=results.uri, params_hash=results.params_hash, model=results.model,
         where=where, rows=counts[0], ok_rows=counts[1], error_rows=counts[2],
         ok_samples=counts[4], samples=values[0], failed_samples=counts[3], metrics=metrics,
-        absent=results.absent_metrics, subsets=subsets,
+        absent=results.absent_metrics, subsets=subsets, devices=devices,
     )  # fmt: skip

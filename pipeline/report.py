@@ -366,6 +366,7 @@ def build_report(
     )
     condition = f"; where <code>{_esc(where)}</code>" if where else ""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    ran_on = ", ".join(f"{d} ({n})" for d, n in stats.devices.items()) or "not recorded"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{_esc(_CSP)}">
@@ -379,6 +380,7 @@ def build_report(
 generated {now}</p>
 <p>rows {stats.rows} (ok {stats.ok_rows}, error {stats.error_rows}); samples with an ok result
 {stats.ok_samples}, with errors only {stats.failed_samples}; in this report {stats.samples}</p>
+<p>ran on: {_esc(ran_on)}</p>
 <h2>Metrics</h2>
 {_stats_html(stats)}
 {absent}

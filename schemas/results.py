@@ -34,6 +34,7 @@ RESULTS_FIELDS = [
     _field("model_fingerprint", pa.string(), "hash of the model's weights and configuration"),
     _field("params_hash", pa.string(), "hash of model, fingerprint and every output parameter"),
     _field("model_params", pa.string(), "JSON of every parameter that affects the output"),
+    _field("device", pa.string(), "where the model ran: 'cuda:<GPU name>' or 'cpu'"),
     _field("resolution", pa.int32(), "square working resolution of the model"),
     _field("steps", pa.int32(), "stage-1 scheduler steps"),
     _field("seed", pa.int64(), "run seed"),

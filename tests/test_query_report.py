@@ -106,6 +106,7 @@ def test_stats_counts_quantiles_and_subset_means(demo_run: tuple[str, pa.Table])
     for name in METRIC_COLUMNS:
         assert f"\n{name} " in result.output
     assert "\ndemo " in result.output and "\nAll " in result.output
+    assert "ran on: cpu (8)" in result.output  # where the model ran, from each row
 
     result = invoke("stats", "--results", output, "--json")
     assert result.exit_code == 0, result.output
@@ -121,6 +122,7 @@ def test_stats_counts_quantiles_and_subset_means(demo_run: tuple[str, pa.Table])
         assert (metric["min"], metric["max"]) == pytest.approx((values.min(), values.max()))
     subsets = {row["subset"]: row for row in summary["subsets"]}
     assert set(subsets) == {"demo", "All"} and subsets["demo"]["images"] == 8
+    assert summary["devices"] == {"cpu": 8}
     assert subsets["demo"]["means"]["fmse"] == pytest.approx(table["fmse"].to_numpy().mean())
 
     median = float(np.median(table["psnr"].to_numpy()))
@@ -338,6 +340,7 @@ def test_report_is_self_contained_and_every_thumbnail_decodes(
     assert best == [r["sample_id"] for r in ranked[:3]]
     assert worst == [r["sample_id"] for r in ranked[::-1][:3]]
     assert len(set(random)) == 3
+    assert "<p>ran on: cpu (8)</p>" in report.read_text()
 
 
 def test_report_shows_an_image_it_cannot_read(
