@@ -18,10 +18,10 @@ Convention, as the official script (DiffHarmony `scripts/evaluate/main.py`) comp
   - with `use_gt_bg`, out = out * m + real * (1 - m) first (the official `--use_gt_bg`);
   - every mean is over images ("All" is not the mean of the subset means); the foreground
     ratio is sum(m) / (256 * 256) and the buckets are [0, 5 %), [5 %, 15 %), [15 %, 100 %).
-We resize with PIL, as the official script does, rather than with the pipeline's torch
-resize (`score.to_eval_scale`), so that the table is the official one to the last digit.
-The per-sample `mse`/`fmse` columns the pipeline writes are close to these but not equal
-(on the test images within 0.5 % and 2 %: torch's resampling and nearest-neighbour phase).
+We resize with PIL, as the official script does (`imaging.eval_resize`), so that the table
+is the official one to the last digit; the pipeline's per-sample columns resize with the same
+function, so for lossless outputs (PNG, WebP lossless) a row's `mse`/`fmse`/`bmse`/`psnr`
+equal its line here.
 Departures: EXIF orientation is applied as the pipeline applies it (only files with an
 orientation tag are affected, and then output and ground truth stay aligned); a
 metric that is undefined for an image (fMSE when the mask vanishes at 256 px) is left out of
@@ -49,8 +49,9 @@ import torch
 from PIL import Image
 
 from pipeline.fetch import orient, orientation, to_mask, to_rgb
+from pipeline.imaging import EVAL_SIZE, eval_resize, eval_resize_mask
 from pipeline.run import read_results
-from pipeline.score import EVAL_SIZE, mse, psnr, region_mse
+from pipeline.score import mse, psnr, region_mse
 from pipeline.storage import absolute, read_bytes, results_location, write_atomic
 
 METRICS = ("mse", "psnr", "fmse", "bmse")
@@ -223,7 +224,6 @@ def load_eval_images(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sample at the evaluation scale: image and real (256, 256, 3) uint8, mask (256, 256)
     uint8 in {0, 1}, resampled as the official script does."""
-    size = (EVAL_SIZE, EVAL_SIZE)
     decoded = {}
     for what, uri in (("image", image_uri), ("real", real_uri), ("mask", mask_uri)):
         try:
@@ -236,16 +236,11 @@ def load_eval_images(
     mask_tag = orientation(decoded["mask"])
     if mask_tag == 1 and decoded["mask"].size == decoded["real"].size:
         mask_tag = real_tag  # drawn on the same pixels: as fetch.py, with the real as reference
-    rgb = []
-    for what, tag in (("image", orientation(decoded["image"])), ("real", real_tag)):
-        image = Image.fromarray(to_rgb(orient(decoded[what], tag)))
-        if image.size != size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        rgb.append(np.asarray(image))
-    mask = Image.fromarray(to_mask(orient(decoded["mask"], mask_tag)).astype(bool))  # mode "1"
-    if mask.size != size:
-        mask = mask.resize(size, Image.Resampling.NEAREST)
-    return rgb[0], rgb[1], np.asarray(mask, dtype=np.uint8)
+    rgb = [
+        eval_resize(to_rgb(orient(decoded[what], tag)))
+        for what, tag in (("image", orientation(decoded["image"])), ("real", real_tag))
+    ]
+    return rgb[0], rgb[1], eval_resize_mask(to_mask(orient(decoded["mask"], mask_tag)))
 
 
 def score_batch(

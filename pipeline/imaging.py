@@ -1,14 +1,16 @@
 """Pure image maths on batched torch tensors: resizing, colour spaces, pasting a change back.
 
 Enters: float tensors in [0, 1], images (B, 3, H, W) and masks (B, 1, H, W) with values {0, 1}.
-Leaves: tensors of the same conventions. No I/O, no Ray, no model: every function here is
-tested on its own.
+Leaves: tensors of the same conventions; `eval_resize*` take and give uint8 arrays (PIL). No
+I/O, no Ray, no model: every function here is tested on its own.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -18,6 +20,30 @@ def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") 
     if mode == "nearest":
         return F.interpolate(images, size=size, mode="nearest")
     return F.interpolate(images, size=size, mode=mode, antialias=True, align_corners=False)
+
+
+# --- the official evaluation's resize ------------------------------------------------------
+
+EVAL_SIZE = 256
+
+
+def eval_resize(rgb: np.ndarray, size: int = EVAL_SIZE) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 with PIL's bilinear (antialiased) filter, as the
+    official `scripts/evaluate/main.py` resizes output and ground truth. Not reimplemented in
+    torch: PIL rounds after each of its two passes, and only PIL itself matches it everywhere."""
+    image = Image.fromarray(rgb)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def eval_resize_mask(mask: np.ndarray, size: int = EVAL_SIZE) -> np.ndarray:
+    """(H, W) bool -> (size, size) uint8 in {0, 1}: a 1-bit PIL image resized nearest (pixel
+    centres), as the official evaluation resizes the mask."""
+    image = Image.fromarray(mask.astype(bool))  # mode "1"
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def resize_each(images: list[torch.Tensor], size: int, mode: str = "bilinear") -> torch.Tensor:

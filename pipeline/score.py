@@ -7,8 +7,10 @@ Leaves: a dict of metric name -> (B,) float64 tensor; NaN where a metric does no
 
 Images are put on the uint8 scale [0, 255] first (rounded, as the written file holds them).
 
-Ground-truth metrics follow the official iHarmony4 evaluation: images resized to 256x256,
-values on the uint8 scale [0, 255]:
+Ground-truth metrics follow the official iHarmony4 evaluation: images rounded to uint8 (as
+the written file holds them) and resized to 256x256 by PIL exactly as the official script and
+`harmonize evaluate` resize them (bilinear; the mask 1-bit, nearest at pixel centres), so a
+row's metrics are its line of the table:
   mse  = mean over pixels and channels of (out - real)^2
   psnr = 10 log10(255^2 / mse)                                   (inf when identical)
   fmse = sum(mask * (out - real)^2) / (channels * sum(mask))   (foreground MSE)
@@ -38,11 +40,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from pipeline.imaging import resize, resize_each, rgb_to_lab
+from pipeline.imaging import eval_resize, eval_resize_mask, resize, rgb_to_lab
 
-EVAL_SIZE = 256
 # An identical background has infinite PSNR; capping it keeps means and histograms finite.
 # 100 dB is an MSE of 6.5e-6 (uint8 scale): about one grey level in one channel of one pixel
 # of a 256x256 background (101 dB). Below 100 dB, the background was changed.
@@ -69,14 +71,21 @@ def quantize(image: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.T
 
 
 def to_eval_scale(images: list[torch.Tensor]) -> torch.Tensor:
-    """Images of any sizes -> (B, 3, 256, 256) float64 holding uint8 values."""
-    batch = resize_each([image.float() for image in images], EVAL_SIZE)
-    return (batch.clamp(0, 1) * 255.0).round().double()
+    """Images of any sizes -> (B, 3, 256, 256) float64 holding uint8 values, on their device.
+
+    Resized on the host by PIL (`imaging.eval_resize`): a few small copies per image, and the
+    same pixels as the official evaluation's, to the last grey level."""
+    arrays = [
+        eval_resize(quantize(image, torch.uint8).permute(1, 2, 0).cpu().numpy()) for image in images
+    ]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch.to(images[0].device, torch.float64)
 
 
 def masks_to_eval_scale(masks: list[torch.Tensor]) -> torch.Tensor:
-    """Masks of any sizes -> (B, 1, 256, 256) float64 in {0, 1} (nearest)."""
-    return (resize_each([mask.float() for mask in masks], EVAL_SIZE, mode="nearest") > 0.5).double()
+    """Masks of any sizes -> (B, 1, 256, 256) float64 in {0, 1}: 1-bit, nearest (PIL)."""
+    arrays = [eval_resize_mask((mask[0] > 0.5).cpu().numpy()) for mask in masks]
+    return torch.from_numpy(np.stack(arrays))[:, None].to(masks[0].device, torch.float64)
 
 
 # Full-resolution images are compared in float32 (uint8 values and their squared differences
