@@ -213,6 +213,8 @@ class RunSummary:
     results_dir: str
     mse: float | None  # mean MSE to ground truth of the harmonized images (rows with real)
     composite_mse: float | None  # the same for the raw composites
+    better: int  # samples with ground truth whose output MSE is below the composite's
+    worse: int  # ... and above or equal to it
     errors: list[str]
     devices: dict[str, int]  # where the model ran ('cuda:<GPU name>', 'cpu') -> samples
 
@@ -235,7 +237,9 @@ class RunSummary:
             verdict = "lower" if self.mse < self.composite_mse else "NOT lower"
             lines.append(
                 f"MSE to ground truth (256 px, uint8): composite {self.composite_mse:.2f} -> "
-                f"harmonized {self.mse:.2f} ({verdict})"
+                f"harmonized {self.mse:.2f} ({verdict}); closer to the ground truth than the "
+                f"composite: {self.better} of {self.better + self.worse} samples, further: "
+                f"{self.worse}"
             )
         for message in self.errors[:10]:
             lines.append(f"error: {message}")
@@ -255,6 +259,11 @@ def summarize(config: RunConfig, seconds: float, skipped: int) -> RunSummary:
     columns = ["status", "error", "mse", "composite_mse", "device"]
     table = read_results(uri, config.storage_options, columns)
     rows = table.to_pydict() if table is not None else {name: [] for name in columns}
+    pairs = [
+        (c, m)
+        for c, m in zip(rows["composite_mse"], rows["mse"])
+        if c is not None and m is not None
+    ]
     devices: dict[str, int] = {}
     for device in rows.get("device", []):
         if device:
@@ -273,6 +282,8 @@ def summarize(config: RunConfig, seconds: float, skipped: int) -> RunSummary:
         composite_mse=_mean(
             [c for c, m in zip(rows["composite_mse"], rows["mse"]) if m is not None]
         ),
+        better=sum(1 for c, m in pairs if m < c),
+        worse=sum(1 for c, m in pairs if m >= c),
         errors=[e for e in rows["error"] if e],
         devices=devices,
     )
