@@ -85,7 +85,7 @@ DIFFUSERS = "diffusers"
 TRANSFORMERS = "transformers"
 
 
-def _library_names(library: str) -> tuple[str, str, str, str]:
+def library_weight_names(library: str) -> tuple[str, str, str, str]:
     """(safetensors file, its shard index, pickle file, its shard index) as `library` names them."""
     if library == DIFFUSERS:
         from diffusers.utils import (
@@ -143,7 +143,7 @@ def choose_weights(
     file, its fp16 variant and pickles of both). Several variants and no plain file is
     ambiguous. Pickles are refused (UnsafePickleError) unless allowed. `where` prefixes messages.
     """
-    safe, safe_index, pickle, pickle_index = _library_names(library)
+    safe, safe_index, pickle, pickle_index = library_weight_names(library)
     for safetensors, single, index in ((True, safe, safe_index), (False, pickle, pickle_index)):
         choice = None
         if single in names or index in names:
@@ -207,7 +207,7 @@ def _unreadable_weights(folder: Path, label: str, choice: WeightsChoice) -> list
         except Exception as error:
             problems.append(
                 ModelDirError(
-                    f"{label}/{name}: unreadable ({_describe(error)}); truncated, or not a "
+                    f"{label}/{name}: unreadable ({describe_error(error)}); truncated, or not a "
                     "safetensors file"
                 )
             )
@@ -217,7 +217,7 @@ def _unreadable_weights(folder: Path, label: str, choice: WeightsChoice) -> list
 # --- loading each component, for the check and the run alike ------------------------------------
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """An exception as one line: its root cause's message (the libraries wrap the reason, a
     truncated archive or a refused pickle global, in a generic "unable to load")."""
     while (cause := error.__cause__ or error.__context__) is not None:
@@ -291,7 +291,7 @@ def _loading_problems(label: str, info: dict[str, Any]) -> list[ModelDirError]:
     if len(mismatched) > 5:
         problems.append(ModelDirError(f"{label}/: {len(mismatched) - 5} more shape mismatches"))
     for message in info.get("error_msgs") or ():
-        problems.append(ModelDirError(f"{label}/: {_describe(RuntimeError(message))}"))
+        problems.append(ModelDirError(f"{label}/: {describe_error(RuntimeError(message))}"))
     return problems
 
 
@@ -341,7 +341,9 @@ def _load_pretrained(
         with _quiet_libraries():
             model, info = model_class.from_pretrained(folder, **options)
     except Exception as error:
-        return None, [ModelDirError(f"{label}/: cannot load {choice.entry} ({_describe(error)})")]
+        return None, [
+            ModelDirError(f"{label}/: cannot load {choice.entry} ({describe_error(error)})")
+        ]
     problems = _loading_problems(label, info)
     return (None if problems else model), problems
 
@@ -364,7 +366,7 @@ def _load_tokenizer(root: Path) -> tuple[Any | None, list[ModelDirError]]:
         with _quiet_libraries():
             return CLIPTokenizer.from_pretrained(folder), []
     except Exception as error:
-        return None, [ModelDirError(f"{TOKENIZER}/: cannot load ({_describe(error)})")]
+        return None, [ModelDirError(f"{TOKENIZER}/: cannot load ({describe_error(error)})")]
 
 
 def encode_empty_prompt(tokenizer: Any, text_encoder: Any) -> torch.Tensor:
@@ -393,7 +395,9 @@ def _text_side(
         try:
             tensors = load_file(str(path))
         except Exception as error:
-            return None, [ModelDirError(f"{EMPTY_PROMPT_EMBEDS}: unreadable ({_describe(error)})")]
+            return None, [
+                ModelDirError(f"{EMPTY_PROMPT_EMBEDS}: unreadable ({describe_error(error)})")
+            ]
         embeds = tensors.get(EMPTY_PROMPT_KEY)
         if embeds is None:
             return None, [ModelDirError(f"{EMPTY_PROMPT_EMBEDS}: no {EMPTY_PROMPT_KEY!r} tensor")]
@@ -421,7 +425,9 @@ def _text_side(
         embeds = encode_empty_prompt(tokenizer, text_encoder.to(device).eval())
     except Exception as error:
         return None, [
-            ModelDirError(f"{TEXT_ENCODER}/: cannot encode the empty prompt ({_describe(error)})")
+            ModelDirError(
+                f"{TEXT_ENCODER}/: cannot encode the empty prompt ({describe_error(error)})"
+            )
         ]
     return embeds.to(dtype), []
 
@@ -439,7 +445,7 @@ def _load_scheduler(root: Path) -> tuple[Any | None, list[ModelDirError]]:
         scheduler = EulerAncestralDiscreteScheduler.from_config(config)
     except Exception as error:
         return None, [
-            ModelDirError(f"{SCHEDULER}/scheduler_config.json: unusable ({_describe(error)})")
+            ModelDirError(f"{SCHEDULER}/scheduler_config.json: unusable ({describe_error(error)})")
         ]
     if scheduler.config.prediction_type != "epsilon":
         return None, [
@@ -682,7 +688,7 @@ def _node_lock(lock_file: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remote_listing(fs: Any, remote_root: str) -> dict[str, int]:
+def list_tree(fs: Any, remote_root: str) -> dict[str, int]:
     """Relative path -> size of every file under the remote directory."""
     remote_root = remote_root.rstrip("/")
     listing = {}
@@ -754,7 +760,7 @@ def resolve_model_dir(
     with _node_lock(local.parent / f"{local.name}.lock"):
         fs, remote_root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         try:
-            listing: dict[str, int] | None = _remote_listing(fs, remote_root)
+            listing: dict[str, int] | None = list_tree(fs, remote_root)
         except Exception as error:
             if not local.is_dir():
                 raise ModelDirError(f"{uri}: cannot list the model directory ({error})") from error
