@@ -27,6 +27,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,10 @@ class _Tree:
         }
 
     def read_json(self, rel: str) -> Any:
-        return json.loads(self.fs.cat_file(self.path(rel)))
+        try:
+            return json.loads(self.fs.cat_file(self.path(rel)))
+        except (OSError, ValueError) as error:
+            raise AssembleError(f"{self.uri_of(rel)}: unreadable ({error})") from error
 
     def get(self, rel: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +169,11 @@ def _weights_part(
         raise AssembleError(str(error)) from error
     files = [choice.entry]
     if choice.sharded:
-        files += shard_names(tree.fs.cat_file(tree.path(posixpath.join(folder, choice.entry))))
+        index = tree.read_json(posixpath.join(folder, choice.entry))
+        try:
+            files += shard_names(json.dumps(index))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise AssembleError(f"{where}/{choice.entry}: not a shard index ({error})") from error
     return Part(name, where, ("config.json", *files), choice)
 
 
@@ -203,7 +211,7 @@ def _survey(tree: _Tree) -> list[_Config]:
             continue
         try:
             config = tree.read_json(rel)
-        except (OSError, ValueError):
+        except AssembleError:  # not a model folder's config; the search goes on
             continue
         if isinstance(config, dict):
             found.append(
@@ -421,21 +429,21 @@ def assemble(
     parts: list[Part] = []
     notes: list[str] = []
 
-    def gather(step: Any) -> None:
+    def gather(step: Callable[[], None]) -> None:
         try:
             step()
         except AssembleError as error:
             problems.append(str(error))
 
     def text_side() -> None:
-        parts[:0] = _inpainting_parts(
-            _Tree(inpainting, options, "--inpainting"), allow_unsafe_pickle
+        parts.extend(
+            _inpainting_parts(_Tree(inpainting, options, "--inpainting"), allow_unsafe_pickle)
         )
 
     def vae_part() -> None:
         tree = _Tree(vae, options, "--vae")
         config = tree.read_json("config.json") if "config.json" in tree.files else {}
-        if config.get("_class_name") != "AutoencoderKL":
+        if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
             raise AssembleError(
                 f"--vae {vae}: config.json says {config.get('_class_name')!r}, expected "
                 "'AutoencoderKL' (the sd-vae-ft-mse folder)"
