@@ -1,4 +1,4 @@
-"""The `harmonize` command line: run the pipeline, build the demo, check a model directory.
+"""The `harmonize` command line: run the pipeline, build the demo, assemble and check models.
 
 Enters: command-line arguments (and, for storage credentials, the usual AWS/GCS environment
 read by fsspec itself).
@@ -23,7 +23,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-model_app = typer.Typer(help="Inspect model directories.", no_args_is_help=True)
+model_app = typer.Typer(
+    help="Build and inspect DiffHarmony model directories.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 manifest_app = typer.Typer(
     help="Build a manifest: from the iHarmony4 layout, or any folder with a naming rule.",
@@ -282,6 +284,59 @@ def model_check_command(
             typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     typer.echo(f"{model_dir}: OK")
+
+
+@model_app.command("assemble")
+def model_assemble_command(
+    inpainting: Annotated[
+        str,
+        typer.Option(
+            help="Stable Diffusion inpainting folder (path or URI); its tokenizer/, "
+            "text_encoder/ and scheduler/ are taken."
+        ),
+    ],
+    vae: Annotated[str, typer.Option(help="The sd-vae-ft-mse folder (path or URI).")],
+    out: Annotated[
+        str, typer.Option(help="Where the model directory goes (path or URI; absent or empty).")
+    ],
+    diffharmony: Annotated[
+        str | None,
+        typer.Option(
+            help="The extracted DiffHarmony release (path or URI), searched at any depth for the "
+            "stage-1 UNet (UNet2DConditionModel, in_channels 9) and the refiner (UNet2DCustom)."
+        ),
+    ] = None,
+    unet: Annotated[
+        str | None, typer.Option(help="The stage-1 UNet folder, when the release holds several.")
+    ] = None,
+    refiner: Annotated[
+        str | None, typer.Option(help="The refiner folder, when the release holds several.")
+    ] = None,
+    allow_unsafe_pickle: PickleArg = False,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """Build a DiffHarmony model directory from the downloads, check it, and say what came from
+    where: safetensors only (pickles converted with --allow-unsafe-pickle), the empty prompt
+    precomputed, MODEL_CARD.md with the sources and every file's sha256."""
+    from pipeline.models.assemble import AssembleError, assemble
+
+    try:
+        report = assemble(
+            inpainting=inpainting,
+            vae=vae,
+            out=out,
+            diffharmony=diffharmony,
+            unet=unet,
+            refiner=refiner,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+            storage_options=parse_storage_options(storage_option, endpoint_url),
+        )
+    except AssembleError as error:
+        _fail(error, 1)
+    for line in report.lines():
+        typer.echo(line)
+    typer.echo(f"{out}: OK (checked; MODEL_CARD.md lists the sources and every file's sha256)")
 
 
 @app.command("runs")
