@@ -10,11 +10,13 @@ Leaves: `{output}/images/…` (one image per ok sample), `{output}/results/{run_
     → map_batches(fetch_and_decode)   CPU tasks  + decoded pixels, status, error
     → map_batches(HarmonizeActor)     actor pool + harmonized pixels, model columns, metrics
     → map_batches(write_images)       CPU tasks  images written; rows in the results schema
-    → write_datasink(ResultsSink)                results/{run_id}/part-*.parquet
+    → write_datasink(ResultsSink)                results/{run_id}/part-{attempt}-*.parquet
 
 Incremental runs: a sample is done when some earlier results row has `status = ok` and the
 same `params_hash` (model, weights fingerprint and every output parameter). Re-running on a
-grown manifest, or after a crash, processes only the rest; errors are retried.
+grown manifest, or after a crash, processes only the rest; errors are retried. A run id may
+be used again: each execution writes its own files beside the earlier ones, and its summary
+counts only those.
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ def results_dir(config: RunConfig) -> str:
 
 
 def read_results(
-    uri: str, storage_options: dict, columns: list[str] | None = None
+    uri: str, storage_options: dict, columns: list[str] | None = None, name_prefix: str = ""
 ) -> pa.Table | None:
-    """Every results Parquet file under `uri` (all runs), or None when there are none."""
-    dataset = parquet_dataset(uri, storage_options)
+    """Every results Parquet file under `uri` (all runs; only the files whose name starts with
+    `name_prefix`), or None when there are none."""
+    dataset = parquet_dataset(uri, storage_options, name_prefix)
     if dataset is None:
         return None
     if columns is not None:
@@ -215,11 +218,11 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def summarize(config: RunConfig, seconds: float, skipped: int) -> RunSummary:
-    """Read back this run's results (a few small columns) and count them."""
+def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str) -> RunSummary:
+    """Read back the results this execution wrote (a few small columns) and count them."""
     uri = results_dir(config)
     columns = ["status", "error", "mse", "composite_mse"]
-    table = read_results(uri, config.storage_options, columns)
+    table = read_results(uri, config.storage_options, columns, name_prefix=file_prefix)
     rows = table.to_pydict() if table is not None else {name: [] for name in columns}
     ok = sum(1 for s in rows["status"] if s == "ok")
     return RunSummary(
@@ -247,8 +250,9 @@ def run(config: RunConfig) -> RunSummary:
     start = time.perf_counter()
     done = done_sample_ids(config, probe_params_hash(config))
     dataset = build_dataset(config, manifest, done)
-    dataset.write_datasink(ResultsSink(results_dir(config), config))
-    return summarize(config, time.perf_counter() - start, skipped=len(done))
+    sink = ResultsSink(results_dir(config), config)
+    dataset.write_datasink(sink)
+    return summarize(config, time.perf_counter() - start, len(done), sink.file_prefix)
 
 
 def list_runs(output: str, storage_options: dict) -> pa.Table:

@@ -41,8 +41,11 @@ def to_pyarrow(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def parquet_dataset(uri: str, storage_options: dict[str, Any]) -> pads.Dataset | None:
-    """Every Parquet file under `uri` as one dataset over the union of their schemas, or None.
+def parquet_dataset(
+    uri: str, storage_options: dict[str, Any], name_prefix: str = ""
+) -> pads.Dataset | None:
+    """Every Parquet file under `uri` (whose name starts with `name_prefix`) as one dataset
+    over the union of their schemas, or None.
 
     Every file's footer is read, not only the first's: runs written by different versions of
     the pipeline hold different columns, and a column missing from a file reads as null.
@@ -50,7 +53,11 @@ def parquet_dataset(uri: str, storage_options: dict[str, Any]) -> pads.Dataset |
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         return None
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+    files = sorted(
+        f
+        for f in fs.find(path)
+        if f.endswith(".parquet") and posixpath.basename(f).startswith(name_prefix)
+    )
     if not files:
         return None
     factory = pads.FileSystemDatasetFactory(to_pyarrow(fs), files, pads.ParquetFileFormat())

@@ -1,4 +1,5 @@
-"""Incremental runs, resume after the driver is SIGKILLed, actor death and retry."""
+"""Incremental runs, a reused run id, resume after the driver is SIGKILLed (resumed under the
+same run id), actor death and retry."""
 
 from __future__ import annotations
 
@@ -79,6 +80,33 @@ def test_incremental_runs_process_only_new_samples(
     ]  # fmt: skip
 
 
+def test_reusing_a_run_id_keeps_every_result(
+    ray_cluster: None, demo_manifest: str, tmp_path: Path
+) -> None:
+    """A scheduler retrying with the same --run-id, after a partial and after a complete run."""
+    full = grown_manifest(demo_manifest, tmp_path / "full.parquet", copies=1)  # 8 samples
+    partial = tmp_path / "partial.parquet"
+    pq.write_table(pq.read_table(full).slice(0, 3), partial)
+    output = str(tmp_path / "out")
+
+    def config(manifest: str) -> RunConfig:
+        return RunConfig(
+            manifest, output, model=ModelConfig(resolution=64), run_id="daily",
+            results_rows_per_file=2, show_progress=False,
+        )  # fmt: skip
+
+    first = run(config(str(partial)))
+    assert (first.samples, first.ok) == (3, 3)
+    second = run(config(full))  # the same id: the other 5, beside the first 3
+    assert (second.samples, second.ok, second.skipped) == (5, 5, 3)
+    third = run(config(full))  # the same id after a complete run: nothing to do, nothing lost
+    assert (third.samples, third.skipped) == (0, 8)
+    results = all_results(output)
+    ids = results["sample_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 8 and set(results["status"].to_pylist()) == {"ok"}
+    assert set(results["run_id"].to_pylist()) == {"daily"}
+
+
 def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
     manifest = grown_manifest(demo_manifest, tmp_path / "big.parquet", copies=12)  # 96 samples
     output = tmp_path / "out"
@@ -105,7 +133,7 @@ def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
         assert Path(uri).is_file()
 
     resumed = subprocess.run(
-        [*command, "--run-id", "resumed"], cwd=REPO, capture_output=True, text=True, timeout=400
+        [*command, "--run-id", "killed"], cwd=REPO, capture_output=True, text=True, timeout=400
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{partial.num_rows} already done, skipped" in resumed.stdout
