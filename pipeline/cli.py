@@ -505,6 +505,14 @@ def report_command(
     except QueryError as exc:
         _fail(exc, 2)
     typer.echo(summary.text())
+    if summary.failed:  # the page is written, but it is missing pictures: say so, exit 1
+        typer.secho(
+            f"error: {len(summary.failed)} of {summary.images} images could not be shown in "
+            f"{summary.out} (listed above as 'thumbnail failed')",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -81,6 +81,7 @@ class ReportSummary:
     metric: str | None
     samples: int  # samples in the report's population
     thumbnails: int  # <img> elements in the page (a sample in two sections counts twice)
+    images: int = 0  # distinct images the page shows (sample, kind)
     failed: list[str] = field(default_factory=list)  # "sample_id kind: reason"
     size: int = 0  # bytes of the page
 
@@ -390,4 +391,6 @@ generated {now}</p>
     data = page.encode()
     out = absolute(out)
     write_atomic(out, data, options)
-    return ReportSummary(out, metric, stats.samples, page.count("<img "), failed, len(data))
+    return ReportSummary(
+        out, metric, stats.samples, page.count("<img "), len(wanted), failed, len(data)
+    )

@@ -21,6 +21,7 @@ counts only those.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, params_hash
 from pipeline.manifest import Manifest, open_manifest
 from pipeline.models import load_harmonizer
-from pipeline.storage import filesystem, join, parquet_dataset, to_pyarrow
+from pipeline.storage import absolute, filesystem, join, parquet_dataset, to_pyarrow
 from pipeline.write import ResultsSink, write_images
 from schemas.results import results_schema_with
 
@@ -244,6 +245,9 @@ def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str)
 
 def run(config: RunConfig) -> RunSummary:
     """Validate the manifest, run the Ray graph, write the results, summarize."""
+    # Workers run in other folders, and results name their images: a local relative output
+    # becomes absolute here, once.
+    config = dataclasses.replace(config, output=absolute(config.output))
     manifest = open_manifest(config.manifest, config.storage_options)  # fails before any model
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
     init_ray(config)
