@@ -22,8 +22,8 @@ We resize with PIL, as the official script does, rather than with the pipeline's
 resize (`score.to_eval_scale`), so that the table is the official one to the last digit.
 The per-sample `mse`/`fmse` columns the pipeline writes are close to these but not equal
 (on the test images within 0.5 % and 2 %: torch's resampling and nearest-neighbour phase).
-Departures: EXIF orientation is applied as the pipeline applies it (only files with an
-orientation tag are affected, and then output and ground truth stay aligned); a
+Departures: images are decoded by the pipeline's rules (`decode.py`: each file's own EXIF
+orientation, the mask rule; files without an orientation tag and 0/255 masks are unaffected); a
 metric that is undefined for an image (fMSE when the mask vanishes at 256 px) is left out of
 that metric's mean and counted, where the official script's mean would become NaN.
 
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.fetch import orient, orientation, to_mask, to_rgb
+from pipeline.decode import to_mask, to_rgb, upright
 from pipeline.run import read_results
 from pipeline.score import EVAL_SIZE, mse, psnr, region_mse
 from pipeline.storage import absolute, read_bytes, results_location, write_atomic
@@ -224,25 +224,22 @@ def load_eval_images(
     """One sample at the evaluation scale: image and real (256, 256, 3) uint8, mask (256, 256)
     uint8 in {0, 1}, resampled as the official script does."""
     size = (EVAL_SIZE, EVAL_SIZE)
-    decoded = {}
+    arrays: dict[str, np.ndarray] = {}
     for what, uri in (("image", image_uri), ("real", real_uri), ("mask", mask_uri)):
         try:
-            decoded[what] = _decode(read_bytes(uri, storage_options))
+            image = upright(_decode(read_bytes(uri, storage_options)))
+            arrays[what] = to_mask(image) if what == "mask" else to_rgb(image, what)
         except FileNotFoundError:
             raise ValueError(f"{what} not found: {uri}") from None
         except Exception as exc:
             raise ValueError(f"{what} {uri} unreadable: {type(exc).__name__}: {exc}") from None
-    real_tag = orientation(decoded["real"])
-    mask_tag = orientation(decoded["mask"])
-    if mask_tag == 1 and decoded["mask"].size == decoded["real"].size:
-        mask_tag = real_tag  # drawn on the same pixels: as fetch.py, with the real as reference
     rgb = []
-    for what, tag in (("image", orientation(decoded["image"])), ("real", real_tag)):
-        image = Image.fromarray(to_rgb(orient(decoded[what], tag)))
+    for what in ("image", "real"):
+        image = Image.fromarray(arrays[what])
         if image.size != size:
             image = image.resize(size, Image.Resampling.BILINEAR)
         rgb.append(np.asarray(image))
-    mask = Image.fromarray(to_mask(orient(decoded["mask"], mask_tag)).astype(bool))  # mode "1"
+    mask = Image.fromarray(arrays["mask"].astype(bool))  # mode "1"
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.NEAREST)
     return rgb[0], rgb[1], np.asarray(mask, dtype=np.uint8)

@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.fetch import orient, orientation, to_mask, to_rgb
+from pipeline.decode import to_mask, to_rgb, upright
 from pipeline.query import (
     QUANTILE_LABELS,
     QueryError,
@@ -178,7 +178,7 @@ def thumbnail(data: bytes, size: int, mask: bool = False) -> str:
     """Encoded image -> a JPEG data URI at most `size` px a side (decoded as the pipeline does)."""
     image = Image.open(io.BytesIO(data))
     image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, much faster
-    image = orient(image, orientation(image))
+    image = upright(image)
     if mask:
         picture = Image.fromarray(to_mask(image) * 255)
     else:
