@@ -142,7 +142,9 @@ def build_dataset(config: RunConfig, manifest: Manifest, done: pa.Array | None =
     fs, _ = filesystem(manifest.uri, config.storage_options)
     schema = results_schema_with(manifest.passthrough)
 
-    dataset = ray.data.read_parquet(manifest.files, filesystem=to_pyarrow(fs))
+    dataset = ray.data.read_parquet(
+        manifest.files, filesystem=to_pyarrow(fs), schema=manifest.schema
+    )  # files unified
     if done is not None and len(done):
         dataset = dataset.map_batches(
             drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow", num_cpus=0.5
