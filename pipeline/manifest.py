@@ -36,6 +36,7 @@ class Manifest:
     base_dir: str  # URI of the folder that relative sample URIs resolve against
     schema: pa.Schema  # every file is read with this schema
     num_rows: int
+    first_composite: str | None = None  # as written in the first row (for preflight checks)
 
     @property
     def passthrough(self) -> list[pa.Field]:
@@ -148,7 +149,7 @@ def open_manifest(uri: str, storage_options: dict[str, Any]) -> Manifest:
 
     with ThreadPoolExecutor(max_workers=min(_READERS, len(files))) as pool:
         tables = list(pool.map(keys, range(len(files))))
-    validate_manifest(pa.concat_tables(tables), files=[(n, len(t)) for n, t in zip(names, tables)])
-    return Manifest(
-        uri=uri, files=files, base_dir=base_dir, schema=schema, num_rows=sum(map(len, tables))
-    )
+    keys_table = pa.concat_tables(tables)
+    validate_manifest(keys_table, files=[(n, len(t)) for n, t in zip(names, tables)])
+    first = keys_table["composite_uri"][0].as_py() if keys_table.num_rows else None
+    return Manifest(uri, files, base_dir, schema, keys_table.num_rows, first)

@@ -34,10 +34,11 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
+from pipeline import preflight
 from pipeline.config import RunConfig
 from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, params_hash
-from pipeline.manifest import Manifest, open_manifest
+from pipeline.manifest import Manifest
 from pipeline.models import load_harmonizer
 from pipeline.storage import absolute, filesystem, join, parquet_dataset, to_pyarrow
 from pipeline.write import ResultsSink, write_images
@@ -250,7 +251,7 @@ def run(config: RunConfig) -> RunSummary:
     # Workers run in other folders, and results name their images: a local relative output
     # becomes absolute here, once.
     config = dataclasses.replace(config, output=absolute(config.output))
-    manifest = open_manifest(config.manifest, config.storage_options)  # fails before any model
+    manifest = preflight.check(config)  # manifest, storage, output: fails before any model
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
     init_ray(config)
     start = time.perf_counter()

@@ -2,11 +2,13 @@
 
 Enters: URIs (`s3://bucket/key`, `gs://…`, `file:///…`, `/local/path`, `relative/path`) and
 fsspec storage options (endpoint, credentials).
-Leaves: filesystem objects, resolved URIs, bytes read, files written atomically.
+Leaves: filesystem objects, resolved URIs, bytes read, files written atomically, and storage
+errors said in one line (`StorageError`, `describe`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -23,6 +25,43 @@ from fsspec.implementations.local import LocalFileSystem
 # S3: botocore's "standard" retry mode (exponential backoff with jitter on throttling, 5xx and
 # connection errors), with more attempts than its default 3 for overnight runs.
 S3_RETRIES = {"retries": {"max_attempts": 10, "mode": "standard"}}
+
+
+class StorageError(Exception):
+    """A storage operation that failed for a whole run: one line naming the URI and the cause."""
+
+
+_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a file is where a folder should be",
+    errno.EEXIST: "a file is where a folder should be",
+    errno.EISDIR: "a folder is where a file should be",
+    errno.ENOENT: "not found",
+}
+
+
+def describe(exc: BaseException) -> str:
+    """The cause of a storage error in a few words, with the store's own message when it has
+    one that says more (S3: "The specified bucket does not exist", "Access Denied", ...)."""
+    if isinstance(exc, OSError) and exc.errno in _CAUSES:
+        cause = _CAUSES[exc.errno]
+    elif isinstance(exc, PermissionError):
+        cause = "permission denied"
+    elif isinstance(exc, FileNotFoundError):
+        cause = "not found"
+    elif isinstance(exc, (NotADirectoryError, FileExistsError)):
+        cause = "a file is where a folder should be"
+    else:
+        cause = type(exc).__name__
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    detail = detail.strip().splitlines()[0] if detail.strip() else ""
+    if detail and detail.lower() != cause.lower() and not detail.startswith("[Errno"):
+        cause = f"{cause} ({detail})"
+    return cause
 
 
 def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:

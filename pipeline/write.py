@@ -27,7 +27,7 @@ from ray.data._internal.execution.interfaces import TaskContext
 from ray.data.block import Block, BlockAccessor
 
 from pipeline.config import RunConfig
-from pipeline.storage import join, safe_key, write_atomic
+from pipeline.storage import StorageError, describe, join, safe_key, write_atomic
 from schemas.results import RESULTS_SCHEMA
 
 
@@ -131,7 +131,10 @@ class ResultsSink(Datasink[int]):
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         uri = join(self.directory, f"{self.file_prefix}{ctx.task_idx:06d}.parquet")
-        write_atomic(uri, buffer.getvalue(), self.storage_options)
+        try:
+            write_atomic(uri, buffer.getvalue(), self.storage_options)
+        except OSError as exc:  # dooms the run: say which file and why, in one line
+            raise StorageError(f"cannot write results file {uri}: {describe(exc)}") from None
         return table.num_rows
 
     def get_name(self) -> str:
