@@ -32,7 +32,7 @@ class StorageError(Exception):
 
 
 _CAUSES = {
-    errno.ENOSPC: "no space left on the device",
+    errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",

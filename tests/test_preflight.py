@@ -8,6 +8,7 @@ not results) also ends in one line and a non-zero exit, the traceback only with 
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.demo import build_demo
+from pipeline.preflight import storage_failure
 from pipeline.run import run
-from pipeline.storage import filesystem
+from pipeline.storage import describe, filesystem
 
 REPO = Path(__file__).resolve().parent.parent
 S3_ALL = "arn:aws:s3:::"
@@ -185,3 +187,30 @@ def test_storage_failure_mid_run_is_one_line(
     summary = run(RunConfig(s3_demo, out, model=ModelConfig(resolution=64), run_id="denied",
                             storage_options=writer, show_progress=False))  # fmt: skip
     assert (summary.samples, summary.ok) == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+        (OSError(errno.EROFS, "Read-only file system"), "read-only file system"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory"),
+         "a file is where a folder should be (Not a directory)"),
+        (PermissionError("Access Denied"), "permission denied (Access Denied)"),
+        (FileNotFoundError("The specified bucket does not exist"),
+         "not found (The specified bucket does not exist)"),
+    ],
+)  # fmt: skip
+def test_storage_errors_in_a_few_words(error: OSError, said: str) -> None:
+    assert describe(error) == said
+    try:  # raised deep inside something else, as a failed run raises it
+        try:
+            raise error
+        except OSError as exc:
+            raise RuntimeError("write task failed") from exc
+    except RuntimeError as wrapped:
+        assert storage_failure(wrapped) == f"storage: {said}"
+
+
+def test_a_failure_that_is_not_storage_is_not_reworded() -> None:
+    assert storage_failure(ValueError("a bug")) is None
