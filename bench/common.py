@@ -126,27 +126,27 @@ def vae_config(size: str) -> dict[str, Any]:
     }
 
 
-def refiner_config(size: str) -> Any:
-    """The stage-2 RefinerConfig; `sd15` uses the official "base" preset (in_channels 7)."""
-    from pipeline.models.refiner import RefinerConfig, refiner_preset
+def refiner_config(size: str) -> dict[str, Any]:
+    """The stage-2 RefinerUNet arguments; `sd15` uses the official "base" preset (in_channels 7)."""
+    from pipeline.models.refiner import refiner_preset
 
     if size == "sd15":
         return refiner_preset("base", in_channels=7)
     channels = (16, 32, 32, 64) if size == "cpu" else (8, 16)
-    return RefinerConfig(
-        sample_size=256 if size == "cpu" else 32,
-        in_channels=7,
-        out_channels=3,
-        down_block_types=("DownBlock2D",) * len(channels),
-        up_block_types=("UpBlock2D",) * len(channels),
-        block_out_channels=channels,
-        layers_per_block=1,
-        downsample_padding=0,
-        attention_head_dim=None,
-        norm_num_groups=8 if size == "cpu" else 4,
-        norm_eps=1e-6,
-        input_residual=True,
-    )
+    return {
+        "sample_size": 256 if size == "cpu" else 32,
+        "in_channels": 7,
+        "out_channels": 3,
+        "down_block_types": ("DownBlock2D",) * len(channels),
+        "up_block_types": ("UpBlock2D",) * len(channels),
+        "block_out_channels": channels,
+        "layers_per_block": 1,
+        "downsample_padding": 0,
+        "attention_head_dim": None,
+        "norm_num_groups": 8 if size == "cpu" else 4,
+        "norm_eps": 1e-6,
+        "input_residual": True,
+    }
 
 
 def text_encoder_config(size: str) -> Any:
@@ -176,7 +176,7 @@ def _modules(size: str, seed: int) -> tuple[Any, Any, Any, torch.Tensor]:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**unet_config(size))
         vae = AutoencoderKL(**vae_config(size))
-        refiner = RefinerUNet(refiner_config(size))
+        refiner = RefinerUNet(**refiner_config(size))
         embeds = torch.randn(1, 77, TEXT_DIM[size])
     return unet, vae, refiner, embeds
 
@@ -218,7 +218,7 @@ def build_components(size: str, device: torch.device, dtype: torch.dtype, seed: 
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**unet_config(size))
         vae = AutoencoderKL(**vae_config(size))
-        refiner = RefinerUNet(refiner_config(size))
+        refiner = RefinerUNet(**refiner_config(size))
         embeds = torch.randn(1, 77, TEXT_DIM[size])
     for model in (unet, vae):
         model.set_attn_processor(AttnProcessor2_0())

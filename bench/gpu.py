@@ -295,7 +295,7 @@ def component_flops(resolution: int, output_resolution: int = 256) -> dict[str, 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config("sd15"))
         vae = AutoencoderKL(**vae_config("sd15"))
-        refiner = RefinerUNet(refiner_config("sd15"))
+        refiner = RefinerUNet(**refiner_config("sd15"))
     for model in (unet, vae):
         model.set_attn_processor(AttnProcessor2_0())
     calls: dict[str, Callable[[], Any]] = {

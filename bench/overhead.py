@@ -108,10 +108,10 @@ def pipeline_run(
     probe = run_module.probe_params_hash
     probe_s: list[float] = []
 
-    def timed_probe(config: RunConfig) -> str:
+    def timed_probe(config: RunConfig, placement: Any) -> str:
         start = time.perf_counter()
         try:
-            return probe(config)
+            return probe(config, placement)
         finally:
             probe_s.append(time.perf_counter() - start)
 

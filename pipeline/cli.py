@@ -1,4 +1,4 @@
-"""The `harmonize` command line: run the pipeline, build the demo, check a model directory.
+"""The `harmonize` command line: run the pipeline, build the demo, assemble and check models.
 
 Enters: command-line arguments (and, for storage credentials, the usual AWS/GCS environment
 read by fsspec itself).
@@ -26,7 +26,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-model_app = typer.Typer(help="Inspect model directories.", no_args_is_help=True)
+model_app = typer.Typer(
+    help="Build and inspect DiffHarmony model directories.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 manifest_app = typer.Typer(
     help="Build a manifest: from the iHarmony4 layout, or any folder with a naming rule.",
@@ -108,14 +110,30 @@ DTypeArg = Annotated[
 ]
 DeviceArg = Annotated[
     str,
-    typer.Option(help="Where the model runs: auto (CUDA when there is a GPU), cuda or cpu."),
+    typer.Option(
+        help="Where the model runs: auto (GPUs when the Ray cluster has GPU resources, else "
+        "CPU), cuda (fails before any work on a cluster without GPUs) or cpu."
+    ),
 ]
 FormatArg = Annotated[
     str, typer.Option("--format", help="Output image format: png, jpg or webp (lossless).")
 ]
 BatchArg = Annotated[int, typer.Option(help="Samples per model call.")]
 ConcurrencyArg = Annotated[
-    int, typer.Option(help="Harmonizer actors (one GPU each when CUDA is available).")
+    int | None,
+    typer.Option(
+        help="Harmonizer actors. Default: one per GPU of the Ray cluster (per --gpus-per-actor; "
+        "the pool grows as an autoscaler adds GPU nodes), 1 on CPU.",
+        show_default=False,
+    ),
+]
+GpusPerActorArg = Annotated[
+    float | None,
+    typer.Option(
+        help="GPUs per actor: 1 (default), a fraction (0.5: two actors share a card), or whole "
+        "GPUs.",
+        show_default=False,
+    ),
 ]
 MaxPixelsArg = Annotated[
     int, typer.Option(help="Refuse input images with more pixels than this (per-sample error).")
@@ -168,7 +186,8 @@ def run_command(
     device: DeviceArg = "auto",
     image_format: FormatArg = "png",
     batch_size: BatchArg = 4,
-    concurrency: ConcurrencyArg = 1,
+    concurrency: ConcurrencyArg = None,
+    gpus_per_actor: GpusPerActorArg = None,
     max_pixels: MaxPixelsArg = 64_000_000,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
@@ -189,6 +208,7 @@ def run_command(
     Re-running with the same --output processes only the samples not yet done with the same
     model and parameters (incremental daily runs, resume after a crash).
     """
+    from pipeline.placement import PlacementError
     from pipeline.preflight import PreflightError, storage_failure
     from pipeline.run import run
     from schemas.manifest import ManifestError
@@ -210,7 +230,8 @@ def run_command(
     extra: dict[str, Any] = {"run_id": run_id} if run_id else {}
     config = RunConfig(
         manifest=manifest, output=output, model=model_config, image_format=image_format,  # type: ignore[arg-type]
-        batch_size=batch_size, concurrency=concurrency, max_pixels=max_pixels,
+        batch_size=batch_size, concurrency=concurrency, gpus_per_actor=gpus_per_actor,
+        max_pixels=max_pixels,
         storage_options=parse_storage_options(storage_option, endpoint_url),
         show_progress=progress, num_cpus=num_cpus, ray_address=ray_address,
         results_rows_per_file=results_rows_per_file, **extra,
@@ -218,7 +239,7 @@ def run_command(
     try:
         with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
             summary = run(config)
-    except (ManifestError, PreflightError) as exc:  # found before any work
+    except (ManifestError, PreflightError, PlacementError) as exc:  # found before any work
         _fail(exc, 2)
     except Exception as exc:  # storage failing mid-run (disk full, access revoked): one line
         line = storage_failure(exc)
@@ -299,6 +320,59 @@ def model_check_command(
             typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     typer.echo(f"{model_dir}: OK")
+
+
+@model_app.command("assemble")
+def model_assemble_command(
+    inpainting: Annotated[
+        str,
+        typer.Option(
+            help="Stable Diffusion inpainting folder (path or URI); its tokenizer/, "
+            "text_encoder/ and scheduler/ are taken."
+        ),
+    ],
+    vae: Annotated[str, typer.Option(help="The sd-vae-ft-mse folder (path or URI).")],
+    out: Annotated[
+        str, typer.Option(help="Where the model directory goes (path or URI; absent or empty).")
+    ],
+    diffharmony: Annotated[
+        str | None,
+        typer.Option(
+            help="The extracted DiffHarmony release (path or URI), searched at any depth for the "
+            "stage-1 UNet (UNet2DConditionModel, in_channels 9) and the refiner (UNet2DCustom)."
+        ),
+    ] = None,
+    unet: Annotated[
+        str | None, typer.Option(help="The stage-1 UNet folder, when the release holds several.")
+    ] = None,
+    refiner: Annotated[
+        str | None, typer.Option(help="The refiner folder, when the release holds several.")
+    ] = None,
+    allow_unsafe_pickle: PickleArg = False,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """Build a DiffHarmony model directory from the downloads, check it, and say what came from
+    where: safetensors only (pickles converted with --allow-unsafe-pickle), the empty prompt
+    precomputed, MODEL_CARD.md with the sources and every file's sha256."""
+    from pipeline.models.assemble import AssembleError, assemble
+
+    try:
+        report = assemble(
+            inpainting=inpainting,
+            vae=vae,
+            out=out,
+            diffharmony=diffharmony,
+            unet=unet,
+            refiner=refiner,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+            storage_options=parse_storage_options(storage_option, endpoint_url),
+        )
+    except AssembleError as error:
+        _fail(error, 1)
+    for line in report.lines():
+        typer.echo(line)
+    typer.echo(f"{out}: OK (checked; MODEL_CARD.md lists the sources and every file's sha256)")
 
 
 @app.command("runs")

@@ -39,7 +39,8 @@ class ModelConfig:
     output_resolution: int = 256
     # Compute dtype: auto = fp16 on CUDA, fp32 on CPU.
     dtype: DType = "auto"
-    # "auto" picks CUDA when available.
+    # auto | cuda | cpu. The run resolves "auto" from the Ray cluster's GPUs (pipeline/placement.py)
+    # before the actors start; a harmonizer built directly resolves it from torch.
     device: str = "auto"
     allow_unsafe_pickle: bool = False
     # Local folder for models copied from remote URIs (one copy per node).
@@ -62,8 +63,10 @@ class RunConfig:
     jpeg_quality: int = 95
     # Rows per model batch (per actor call).
     batch_size: int = 4
-    # Number of harmonizer actors (GPU actors take one GPU each).
-    concurrency: int = 1
+    # Harmonizer actors; None: one per GPU (per `gpus_per_actor`) of the cluster, 1 on CPU.
+    concurrency: int | None = None
+    # GPUs per actor: 1, or a fraction (0.5: two actors share a card), or whole GPUs.
+    gpus_per_actor: float | None = None
     # Rows per results Parquet file: also how much finished work a crash can cost to redo.
     results_rows_per_file: int = 1000
     # Images above this many pixels are refused per sample (protects memory).

@@ -18,10 +18,10 @@ Convention, as the official script (DiffHarmony `scripts/evaluate/main.py`) comp
   - with `use_gt_bg`, out = out * m + real * (1 - m) first (the official `--use_gt_bg`);
   - every mean is over images ("All" is not the mean of the subset means); the foreground
     ratio is sum(m) / (256 * 256) and the buckets are [0, 5 %), [5 %, 15 %), [15 %, 100 %).
-We resize with PIL, as the official script does, rather than with the pipeline's torch
-resize (`score.to_eval_scale`), so that the table is the official one to the last digit.
-The per-sample `mse`/`fmse` columns the pipeline writes are close to these but not equal
-(on the test images within 0.5 % and 2 %: torch's resampling and nearest-neighbour phase).
+We resize with PIL, as the official script does (`imaging.eval_resize`), so that the table
+is the official one to the last digit; the pipeline's per-sample columns resize with the same
+function, so for lossless outputs (PNG, WebP lossless) a row's `mse`/`fmse`/`bmse`/`psnr`
+equal its line here.
 Departures: images are decoded by the pipeline's rules (`decode.py`: each file's own EXIF
 orientation, the mask rule; files without an orientation tag and 0/255 masks are unaffected); a
 metric that is undefined for an image (fMSE when the mask vanishes at 256 px) is left out of
@@ -49,8 +49,9 @@ import torch
 from PIL import Image
 
 from pipeline.decode import to_mask, to_rgb, upright
+from pipeline.imaging import EVAL_SIZE, eval_resize, eval_resize_mask
 from pipeline.run import read_results
-from pipeline.score import EVAL_SIZE, mse, psnr, region_mse
+from pipeline.score import mse, psnr, region_mse
 from pipeline.storage import absolute, read_bytes, results_location, write_atomic
 
 METRICS = ("mse", "psnr", "fmse", "bmse")
@@ -223,7 +224,6 @@ def load_eval_images(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sample at the evaluation scale: image and real (256, 256, 3) uint8, mask (256, 256)
     uint8 in {0, 1}, resampled as the official script does."""
-    size = (EVAL_SIZE, EVAL_SIZE)
     arrays: dict[str, np.ndarray] = {}
     for what, uri in (("image", image_uri), ("real", real_uri), ("mask", mask_uri)):
         try:
@@ -233,16 +233,11 @@ def load_eval_images(
             raise ValueError(f"{what} not found: {uri}") from None
         except Exception as exc:
             raise ValueError(f"{what} {uri} unreadable: {type(exc).__name__}: {exc}") from None
-    rgb = []
-    for what in ("image", "real"):
-        image = Image.fromarray(arrays[what])
-        if image.size != size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        rgb.append(np.asarray(image))
-    mask = Image.fromarray(arrays["mask"].astype(bool))  # mode "1"
-    if mask.size != size:
-        mask = mask.resize(size, Image.Resampling.NEAREST)
-    return rgb[0], rgb[1], np.asarray(mask, dtype=np.uint8)
+    return (
+        eval_resize(arrays["image"]),
+        eval_resize(arrays["real"]),
+        eval_resize_mask(arrays["mask"]),
+    )
 
 
 def score_batch(

@@ -2,8 +2,9 @@
 
 Enters: pyarrow batches from `fetch.py` (decoded pixels, `status`, `error`).
 Leaves: the same rows without the input pixels, plus `harmonized_pixels` (raw RGB uint8),
-`output_width`, `output_height`, the model's name, fingerprint and parameters, the sample
-seed, `harmonize_s`, `score_s` and the metrics of `score.py`.
+`output_width`, `output_height`, the model's name, fingerprint and parameters, where it ran
+(`device`: `cuda:<GPU name>` or `cpu`), the sample seed, `harmonize_s`, `score_s` and the
+metrics of `score.py`.
 
 A batch runs through the model in one call. If that call raises, the batch is retried one
 sample at a time so that only the samples that fail become error rows.
@@ -19,11 +20,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 
 from pipeline.config import RunConfig
 from pipeline.fetch import PIXEL_COLUMNS
 from pipeline.models import HarmonizeBatch, load_harmonizer, sample_seed
+from pipeline.placement import PlacementError
 from pipeline.score import score_batch
 from schemas.results import METRIC_COLUMNS
 
@@ -32,6 +35,32 @@ def params_hash(model: str, fingerprint: str, params: dict[str, Any]) -> str:
     """Identifies one (model, weights, parameters) combination: same hash, same outputs."""
     text = json.dumps({"model": model, "fingerprint": fingerprint, **params}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_device(device: str) -> None:
+    """Where the placement put this worker on a GPU, torch must be able to use it: a GPU node
+    with a CPU-only torch (or hidden devices) fails here, loudly, instead of running the model
+    on the node's CPU hundreds of times slower."""
+    if device != "cuda" or torch.cuda.is_available():
+        return
+    import socket
+
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    node = context.get_node_id()[:12] if context else "-"
+    gpus = ray.get_gpu_ids() if context else []
+    raise PlacementError(
+        f"node {socket.gethostname()} ({node}): Ray gave this worker GPU {gpus} but torch "
+        f"{torch.__version__} sees no CUDA device (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): install a CUDA build of torch on the GPU "
+        "nodes, or run with --device cpu"
+    )
+
+
+def device_label(device: torch.device) -> str:
+    """What a results row records of where it ran: `cuda:<GPU name>` or `cpu`."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def _image(data: bytes, height: int, width: int, channels: int) -> torch.Tensor:
@@ -45,8 +74,10 @@ class HarmonizeActor:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        check_device(config.model.device)
         self.harmonizer = load_harmonizer(config.model, config.storage_options)
         self.device = self.harmonizer.device
+        self.device_label = device_label(self.device)
         self.params = config.model.output_params()
         self.fingerprint = self.harmonizer.fingerprint
         self.params_hash = params_hash(config.model.name, self.fingerprint, self.params)
@@ -148,6 +179,7 @@ class HarmonizeActor:
             "model_fingerprint": pa.array([self.fingerprint] * n, pa.string()),
             "params_hash": pa.array([self.params_hash] * n, pa.string()),
             "model_params": pa.array([json.dumps(self.params, sort_keys=True)] * n, pa.string()),
+            "device": pa.array([self.device_label] * n, pa.string()),
             "resolution": pa.array([self.config.model.resolution] * n, pa.int32()),
             "steps": pa.array([self.config.model.steps] * n, pa.int32()),
             "seed": pa.array([self.config.model.seed] * n, pa.int64()),

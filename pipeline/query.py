@@ -36,6 +36,15 @@ QUANTILE_LABELS = tuple("median" if q == 0.5 else f"{q:.0%}" for q in QUANTILES)
 # Prefix of the metric columns of a training manifest: the results schema's own names are
 # reserved in a manifest (they would collide with the results of a run on it).
 MANIFEST_METRIC_PREFIX = "metric_"
+# A reference-free quality filter: background kept, foreground recoloured at most moderately
+# (CIEDE2000, 95th percentile), hue and structure kept. Thresholds from realistic composites:
+# iHarmony4-strength corrections change the foreground by 2-12 at the 95th percentile, keep
+# the hue within 20 degrees and luma SSIM above 0.8 (tests/test_quality_filter.py). It cannot
+# tell a right change from a wrong one of the same size; `stats` shows how it agrees with the
+# ground truth where there is one.
+QUALITY_FILTER = (
+    "bg_psnr > 35 AND fg_delta_e_p95 < 12 AND abs(fg_hue_shift) < 30 AND fg_structure > 0.8"
+)
 # Columns of the per-subset table printed by `stats` (all metrics are in the JSON).
 SUBSET_TABLE = ("mse", "psnr", "fmse", "ssim", "bg_psnr", "lab_gap_after", "sharpness_ratio")
 
@@ -301,6 +310,11 @@ class Stats:
     metrics: dict[str, dict[str, Any]]  # name -> count, mean, min, quantiles, max, better
     absent: list[str]  # metric columns these results predate
     subsets: list[dict[str, Any]] = field(default_factory=list)  # subset, images, means
+    # Where the model ran, over `current`: 'cuda:<GPU name>' / 'cpu' / 'unknown' (older results).
+    devices: dict[str, int] = field(default_factory=dict)
+    # QUALITY_FILTER against the ground truth (output MSE below the composite's), over the
+    # samples with ground truth: kept_better, kept_worse, rejected_better, rejected_worse.
+    quality_filter: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers become null)."""
@@ -329,6 +343,10 @@ class Stats:
                 "metrics": self.metrics,
                 "absent_metrics": self.absent,
                 "subsets": self.subsets,
+                "devices": self.devices,
+                "quality_filter": {"condition": QUALITY_FILTER, **self.quality_filter}
+                if self.quality_filter
+                else None,
             }
         )
 
@@ -342,21 +360,32 @@ class Stats:
             f"rows: {self.rows} (ok {self.ok_rows}, error {self.error_rows}); samples: "
             f"{self.ok_samples} with an ok result, {self.failed_samples} with errors only"
             + (f"; {self.samples} where {self.where}" if self.where else ""),
-            "",
         ]
-        header = f"{'metric':<16}{'better':<13}{'n':>6}{'mean':>10}{'min':>10}"
+        if self.devices:
+            lines.append("ran on: " + ", ".join(f"{d} ({n})" for d, n in self.devices.items()))
+        lines.append("")
+        header = f"{'metric':<18}{'better':<13}{'n':>6}{'mean':>10}{'min':>10}"
         header += "".join(f"{label:>10}" for label in QUANTILE_LABELS) + f"{'max':>10}"
         lines.append(header)
         for name, m in self.metrics.items():
             values = [m["mean"], m["min"], *m["quantiles"].values(), m["max"]]
             lines.append(
-                f"{name:<16}{m['better']:<13}{m['count']:>6}"
+                f"{name:<18}{m['better']:<13}{m['count']:>6}"
                 + "".join(f"{format_number(v):>10}" for v in values)
             )
         if self.absent:
             lines.append(
                 f"not in these results (written before they existed): {', '.join(self.absent)}"
             )
+        if self.quality_filter:
+            q = self.quality_filter
+            lines += [
+                "",
+                f"reference-free filter ({QUALITY_FILTER}) against the ground truth "
+                "(better = output MSE below the composite's):",
+                f"  kept:     {q['kept_better']:>6} better, {q['kept_worse']:>6} worse",
+                f"  rejected: {q['rejected_better']:>6} better, {q['rejected_worse']:>6} worse",
+            ]
         if self.subsets:
             shown = [c for c in SUBSET_TABLE if c in self.metrics]
             lines += ["", "means per subset (over images):"]
@@ -432,9 +461,32 @@ def compute_stats(results: Results, where: str | None = None) -> Stats:
         subsets.append(
             {"subset": "All", "images": values[0], "means": {n: metrics[n]["mean"] for n in names}}
         )
+    quality: dict[str, int] = {}
+    needed = {"mse", "composite_mse", "bg_psnr", "fg_delta_e_p95", "fg_hue_shift", "fg_structure"}
+    if needed <= set(results.columns):
+        keep, better = f"coalesce(({QUALITY_FILTER}), false)", "mse < composite_mse"
+        cells = results.query(
+            f"SELECT count(*) FILTER (WHERE {keep} AND {better}), "
+            f"count(*) FILTER (WHERE {keep} AND NOT {better}), "
+            f"count(*) FILTER (WHERE NOT {keep} AND {better}), "
+            f"count(*) FILTER (WHERE NOT {keep} AND NOT {better}) "
+            "FROM current WHERE mse IS NOT NULL AND composite_mse IS NOT NULL AND {where}",
+            where,
+        )
+        counts_ = [cells.column(i)[0].as_py() for i in range(4)]
+        if sum(counts_):
+            names_ = ("kept_better", "kept_worse", "rejected_better", "rejected_worse")
+            quality = dict(zip(names_, counts_))
+    devices: dict[str, int] = {}
+    if "device" in results.columns:
+        for device, n in results.connection.sql(
+            "SELECT coalesce(device, 'unknown'), count(*) FROM current GROUP BY ALL ORDER BY 2 DESC"
+        ).fetchall():
+            devices[device] = n
     return Stats(
         results_uri=results.uri, params_hash=results.params_hash, model=results.model,
         where=where, rows=counts[0], ok_rows=counts[1], error_rows=counts[2],
         ok_samples=counts[4], samples=values[0], failed_samples=counts[3], metrics=metrics,
-        absent=results.absent_metrics, subsets=subsets,
+        absent=results.absent_metrics, subsets=subsets, devices=devices,
+        quality_filter=quality,
     )  # fmt: skip

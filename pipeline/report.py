@@ -3,9 +3,11 @@
 Enters: a results URI (as `harmonize stats` takes it), storage options, the metric to rank
 samples by, how many samples per gallery, an optional SQL condition.
 Leaves: one HTML page written atomically to any URI, and a `ReportSummary`. The page holds
-the run's counts and per-metric quantiles, a histogram of each metric (inline SVG), and
-composite / harmonized / mask (/ real) thumbnails (JPEG as base64 data URIs) of the best,
-the worst and a random sample by the ranking metric.
+the run's counts and per-metric quantiles, a histogram of each metric (inline SVG), where
+there is ground truth a scatter of composite MSE against output MSE (points above the
+diagonal got worse), and composite / harmonized / mask (/ real) thumbnails with the
+difference |harmonized - composite| amplified (JPEG as base64 data URIs) of the best, the
+worst and a random sample by the ranking metric.
 
 Nothing is loaded from elsewhere: a Content-Security-Policy allows only data: images,
 inline styles and the one inline script (by its hash). That script records on <body> how
@@ -145,6 +147,8 @@ def _order(metric: str, best: bool) -> str:
     better = METRIC_BETTER[metric]
     if better == "closer to 1":
         key, ascending = f"abs(ln(greatest({q}, 1e-12)))", True
+    elif better == "closer to 0":
+        key, ascending = f"abs({q})", True
     else:
         key, ascending = q, better == "lower"  # "none": the highest first, as "best"
     if not best:
@@ -189,7 +193,84 @@ def thumbnail(data: bytes, size: int, mask: bool = False) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+DIFFERENCE_GAIN = 4  # |output - composite| x 4: a change of 16 grey levels shows as 64
+
+
+def difference_thumbnail(composite: bytes, output: bytes, size: int) -> str:
+    """|output - composite| x DIFFERENCE_GAIN as a JPEG data URI: what the model changed (the
+    output resized to the composite's size when `--output-size model` made it square)."""
+    import numpy as np
+
+    pictures = []
+    for data in (composite, output):
+        image = Image.open(io.BytesIO(data))
+        pictures.append(Image.fromarray(to_rgb(upright(image))))
+    before, after = pictures
+    if after.size != before.size:
+        after = after.resize(before.size, Image.Resampling.BILINEAR)
+    change = np.abs(np.asarray(after, np.int16) - np.asarray(before, np.int16))
+    picture = Image.fromarray(np.clip(change * DIFFERENCE_GAIN, 0, 255).astype(np.uint8))
+    picture.thumbnail((size, size), Image.Resampling.BOX)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 # --- HTML -----------------------------------------------------------------------------------
+
+
+def _scatter_svg(points: list[tuple[float, float]]) -> str:
+    """Composite MSE (x) against output MSE (y), both on log10(1 + MSE) axes: a point above
+    the diagonal got further from the ground truth than its composite was."""
+    import math
+
+    size, pad = 300, 30
+    top = max([math.log10(1 + max(x, y)) for x, y in points] + [1.0])
+
+    def at(value: float) -> float:
+        return pad + (size - 2 * pad) * math.log10(1 + value) / top
+
+    dots = []
+    for x, y in points:
+        colour = "#c0392b" if y >= x else "#27ae60"
+        dots.append(
+            f'<circle cx="{at(x):.1f}" cy="{size - at(y):.1f}" r="3" fill="{colour}" '
+            f'fill-opacity="0.7"><title>composite {format_number(x)}, output '
+            f"{format_number(y)}</title></circle>"
+        )
+    far = at(10**top - 1)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" role="img" '
+        f'aria-label="composite MSE against output MSE" data-points="{len(points)}">'
+        f'<line x1="{pad}" y1="{size - pad}" x2="{far:.1f}" y2="{size - far:.1f}" '
+        f'stroke="#999" stroke-dasharray="4 3"/>'
+        f'<line x1="{pad}" y1="{size - pad}" x2="{size - pad}" y2="{size - pad}" stroke="#999"/>'
+        f'<line x1="{pad}" y1="{size - pad}" x2="{pad}" y2="{pad}" stroke="#999"/>'
+        f"{''.join(dots)}"
+        f'<text x="{size - pad}" y="{size - 8}" font-size="11" text-anchor="end">composite MSE'
+        f'</text><text x="4" y="{pad - 8}" font-size="11">output MSE (log scale)</text></svg>'
+    )
+
+
+def _scatter_html(results: Results, where: str | None, limit: int = 5000) -> str:
+    if not {"mse", "composite_mse"} <= set(results.columns):
+        return ""
+    rows = results.query(
+        "SELECT composite_mse, mse FROM current WHERE mse IS NOT NULL AND composite_mse IS NOT "
+        f"NULL AND {{where}} ORDER BY md5(sample_id) LIMIT {limit}",
+        where,
+    ).to_pylist()
+    if not rows:
+        return ""
+    points = [(r["composite_mse"], r["mse"]) for r in rows]
+    worse = sum(1 for x, y in points if y >= x)
+    return (
+        "<h2>Against the ground truth</h2>"
+        f'<div class="hist">{_scatter_svg(points)}<div class="note">{len(points)} samples'
+        f"{' (a sample of them)' if len(points) == limit else ''}: {len(points) - worse} "
+        f"closer to the ground truth than their composite (green, below the diagonal), "
+        f"{worse} further or equal (red, above it)</div></div>"
+    )
 
 
 def _histogram_svg(name: str, h: dict[str, Any]) -> str:
@@ -278,14 +359,15 @@ def _sample_html(
         f"{m} {format_number(row[m])}" for m in shown if m in metrics and row.get(m) is not None
     )
     figures = []
-    for column, kind in IMAGE_KINDS:
+    for column, kind in (*IMAGE_KINDS, ("output_uri", "difference")):
         if not row.get(column):
             continue
         if images.get(kind):
             content = f'<img src="{images[kind]}" alt="{_esc(kind)} of {_esc(row["sample_id"])}">'
         else:
             content = f'<div class="missing">{_esc(kind)} not shown: {_esc(errors[kind])}</div>'
-        figures.append(f"<figure>{content}<figcaption>{_esc(kind)}</figcaption></figure>")
+        caption = kind if kind != "difference" else f"|harmonized - composite| x {DIFFERENCE_GAIN}"
+        figures.append(f"<figure>{content}<figcaption>{_esc(caption)}</figcaption></figure>")
     subset = f" ({_esc(row['subset'])})" if row.get("subset") else ""
     return (
         f'<div class="sample" data-sample-id="{_esc(row["sample_id"])}"><div class="meta">'
@@ -332,17 +414,33 @@ def build_report(
                 if row.get(column):
                     wanted[(row["sample_id"], kind)] = row[column]
 
-    def load(key: tuple[str, str]) -> tuple[str | None, str | None]:
+    def load(key: tuple[str, str]) -> tuple[str | None, str | None, bytes | None]:
         try:
             data = read_bytes(wanted[key], options)
-            return thumbnail(data, thumbnail_size, mask=key[1] == "mask"), None
+            return thumbnail(data, thumbnail_size, mask=key[1] == "mask"), None, data
         except Exception as exc:  # shown in the page and the summary; the report goes on
+            return None, f"{type(exc).__name__}: {exc}", None
+
+    def difference(sid: str) -> tuple[str | None, str | None]:
+        before, after = loaded.get((sid, "composite")), loaded.get((sid, "harmonized"))
+        if not (before and after and before[2] and after[2]):
+            return None, "composite or harmonized image not loaded"
+        try:
+            return difference_thumbnail(before[2], after[2], thumbnail_size), None
+        except Exception as exc:
             return None, f"{type(exc).__name__}: {exc}"
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         loaded = dict(zip(wanted, pool.map(load, list(wanted))))
+        sids = sorted({sid for sid, kind in wanted if kind == "harmonized"})
+        for sid, result in zip(sids, pool.map(difference, sids)):
+            loaded[(sid, "difference")] = (*result, None)
 
-    failed = [f"{sid} {kind}: {error}" for (sid, kind), (_, error) in loaded.items() if error]
+    failed = [
+        f"{sid} {kind}: {error}"
+        for (sid, kind), (_, error, _) in loaded.items()
+        if error and kind != "difference"  # follows from its two images
+    ]
     body = []
     for title, rows in sections:
         body.append(f"<h3>{_esc(title)}</h3>")
@@ -350,8 +448,10 @@ def build_report(
             body.append('<p class="note">No sample.</p>')
         for row in rows:
             sid = row["sample_id"]
-            images = {kind: loaded[(sid, kind)][0] for c, kind in IMAGE_KINDS if row.get(c)}
-            errors = {kind: loaded[(sid, kind)][1] or "" for c, kind in IMAGE_KINDS if row.get(c)}
+            kinds = [kind for c, kind in IMAGE_KINDS if row.get(c)]
+            kinds += ["difference"] if row.get("output_uri") else []
+            images = {kind: loaded[(sid, kind)][0] for kind in kinds}
+            errors = {kind: loaded[(sid, kind)][1] or "" for kind in kinds}
             body.append(_sample_html(row, images, errors, metric, results.metrics))
 
     ranking = ""
@@ -367,6 +467,7 @@ def build_report(
     )
     condition = f"; where <code>{_esc(where)}</code>" if where else ""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    ran_on = ", ".join(f"{d} ({n})" for d, n in stats.devices.items()) or "not recorded"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{_esc(_CSP)}">
@@ -380,10 +481,12 @@ def build_report(
 generated {now}</p>
 <p>rows {stats.rows} (ok {stats.ok_rows}, error {stats.error_rows}); samples with an ok result
 {stats.ok_samples}, with errors only {stats.failed_samples}; in this report {stats.samples}</p>
+<p>ran on: {_esc(ran_on)}</p>
 <h2>Metrics</h2>
 {_stats_html(stats)}
 {absent}
 {_histograms_html(histograms, stats)}
+{_scatter_html(results, where)}
 <h2>Samples{ranking}</h2>
 {"".join(body)}
 </body></html>

@@ -21,25 +21,30 @@ counts only those.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline import preflight
 from pipeline.config import RunConfig
 from pipeline.fetch import fetch_and_decode
-from pipeline.harmonize import HarmonizeActor, params_hash
+from pipeline.harmonize import HarmonizeActor, check_device, params_hash
 from pipeline.manifest import Manifest
 from pipeline.models import load_harmonizer
+from pipeline.placement import (
+    ClusterGPUs,
+    Placement,
+    PlacementError,
+    check_paths_reachable,
+    plan_placement,
+)
 from pipeline.storage import absolute, filesystem, join, parquet_dataset, to_pyarrow
 from pipeline.write import ResultsSink, write_images
 from schemas.results import results_schema_with
@@ -115,23 +120,47 @@ def drop_done(batch: pa.Table, done: ray.ObjectRef) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch["sample_id"], value_set=done_ids)))
 
 
-def actor_resources(config: RunConfig) -> dict[str, float]:
-    use_gpu = torch.cuda.is_available() and config.model.device in ("auto", "cuda")
-    return {"num_gpus": 1 if use_gpu else 0, "num_cpus": 1}
+def place(config: RunConfig) -> tuple[RunConfig, Placement]:
+    """Decide GPU or CPU from the cluster (not from this driver), check that every node sees the
+    run's local paths, and return the config with the model's device resolved."""
+    placement = plan_placement(
+        config.model.device, config.concurrency, config.gpus_per_actor, ClusterGPUs.of_cluster()
+    )
+    paths = {"--manifest": config.manifest}
+    if config.model.model_dir:
+        paths["--model-dir"] = config.model.model_dir
+    check_paths_reachable(paths, config.output)
+    log.info("placement: %s", placement.describe())
+    if config.model.device == "auto" and placement.device == "cpu":
+        log.warning(
+            "this Ray cluster has no GPU: the model runs on CPU (--device cuda requires one)"
+        )
+    if placement.min_actors < placement.max_actors:
+        log.warning(
+            "%d actors start on the GPUs up now; up to %d as GPU nodes join",
+            placement.min_actors, placement.max_actors,
+        )  # fmt: skip
+    return replace(config, model=replace(config.model, device=placement.device)), placement
 
 
-def probe_params_hash(config: RunConfig) -> str:
+def probe_params_hash(config: RunConfig, placement: Placement) -> str:
     """Load the model once where the actors will run (which also fills that node's model cache)
     and hash its fingerprint with the output parameters."""
 
     def probe() -> str:
+        check_device(config.model.device)
         harmonizer = load_harmonizer(config.model, config.storage_options)
         return params_hash(config.model.name, harmonizer.fingerprint, config.model.output_params())
 
-    return ray.get(ray.remote(**actor_resources(config))(probe).remote())
+    try:
+        return ray.get(ray.remote(**placement.actor_options())(probe).remote())
+    except PlacementError as exc:  # Ray re-raises the worker's error as its own subclass
+        raise PlacementError(str(getattr(exc, "cause", exc))) from None
 
 
-def build_dataset(config: RunConfig, manifest: Manifest, done: pa.Array | None = None) -> Dataset:
+def build_dataset(
+    config: RunConfig, manifest: Manifest, placement: Placement, done: pa.Array | None = None
+) -> Dataset:
     """The lazy Ray Data plan; nothing runs until it is written."""
     context = DataContext.get_current()  # settings are copied when read_* is called
     context.enable_progress_bars = config.show_progress
@@ -166,8 +195,8 @@ def build_dataset(config: RunConfig, manifest: Manifest, done: pa.Array | None =
         fn_constructor_kwargs={"config": config},
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        compute=ActorPoolStrategy(size=config.concurrency, max_tasks_in_flight_per_actor=2),
-        **actor_resources(config),
+        compute=ActorPoolStrategy(**placement.pool_size(), max_tasks_in_flight_per_actor=2),
+        **placement.actor_options(),
     )
     return dataset.map_batches(
         write_images,
@@ -190,7 +219,10 @@ class RunSummary:
     results_dir: str
     mse: float | None  # mean MSE to ground truth of the harmonized images (rows with real)
     composite_mse: float | None  # the same for the raw composites
+    better: int  # samples with ground truth whose output MSE is below the composite's
+    worse: int  # ... and above or equal to it
     errors: list[str]
+    devices: dict[str, int]  # where the model ran ('cuda:<GPU name>', 'cpu') -> samples
 
     @property
     def images_per_second(self) -> float:
@@ -204,11 +236,16 @@ class RunSummary:
             f"images:  {self.images_dir}",
             f"results: {self.results_dir}",
         ]
+        if self.devices:
+            ran = ", ".join(f"{device} ({n})" for device, n in sorted(self.devices.items()))
+            lines.append(f"ran on:  {ran}")
         if self.mse is not None and self.composite_mse is not None:
             verdict = "lower" if self.mse < self.composite_mse else "NOT lower"
             lines.append(
                 f"MSE to ground truth (256 px, uint8): composite {self.composite_mse:.2f} -> "
-                f"harmonized {self.mse:.2f} ({verdict})"
+                f"harmonized {self.mse:.2f} ({verdict}); closer to the ground truth than the "
+                f"composite: {self.better} of {self.better + self.worse} samples, further: "
+                f"{self.worse}"
             )
         for message in self.errors[:10]:
             lines.append(f"error: {message}")
@@ -225,9 +262,18 @@ def _mean(values: list[float | None]) -> float | None:
 def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str) -> RunSummary:
     """Read back the results this execution wrote (a few small columns) and count them."""
     uri = results_dir(config)
-    columns = ["status", "error", "mse", "composite_mse"]
+    columns = ["status", "error", "mse", "composite_mse", "device"]
     table = read_results(uri, config.storage_options, columns, name_prefix=file_prefix)
     rows = table.to_pydict() if table is not None else {name: [] for name in columns}
+    pairs = [
+        (c, m)
+        for c, m in zip(rows["composite_mse"], rows["mse"])
+        if c is not None and m is not None
+    ]
+    devices: dict[str, int] = {}
+    for device in rows.get("device", []):
+        if device:
+            devices[device] = devices.get(device, 0) + 1
     ok = sum(1 for s in rows["status"] if s == "ok")
     return RunSummary(
         run_id=config.run_id,
@@ -242,7 +288,10 @@ def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str)
         composite_mse=_mean(
             [c for c, m in zip(rows["composite_mse"], rows["mse"]) if m is not None]
         ),
+        better=sum(1 for c, m in pairs if m < c),
+        worse=sum(1 for c, m in pairs if m >= c),
         errors=[e for e in rows["error"] if e],
+        devices=devices,
     )
 
 
@@ -250,13 +299,14 @@ def run(config: RunConfig) -> RunSummary:
     """Validate the manifest, run the Ray graph, write the results, summarize."""
     # Workers run in other folders, and results name their images: a local relative output
     # becomes absolute here, once.
-    config = dataclasses.replace(config, output=absolute(config.output))
+    config = replace(config, output=absolute(config.output))
     manifest = preflight.check(config)  # manifest, storage, output: fails before any model
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
     init_ray(config)
+    config, placement = place(config)  # fails here, before any model loads
     start = time.perf_counter()
-    done = done_sample_ids(config, probe_params_hash(config))
-    dataset = build_dataset(config, manifest, done)
+    done = done_sample_ids(config, probe_params_hash(config, placement))
+    dataset = build_dataset(config, manifest, placement, done)
     sink = ResultsSink(results_dir(config), config)
     dataset.write_datasink(sink)
     return summarize(config, time.perf_counter() - start, len(done), sink.file_prefix)

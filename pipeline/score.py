@@ -7,8 +7,10 @@ Leaves: a dict of metric name -> (B,) float64 tensor; NaN where a metric does no
 
 Images are put on the uint8 scale [0, 255] first (rounded, as the written file holds them).
 
-Ground-truth metrics follow the official iHarmony4 evaluation: images resized to 256x256,
-values on the uint8 scale [0, 255]:
+Ground-truth metrics follow the official iHarmony4 evaluation: images rounded to uint8 (as
+the written file holds them) and resized to 256x256 by PIL exactly as the official script and
+`harmonize evaluate` resize them (bilinear; the mask 1-bit, nearest at pixel centres), so a
+row's metrics are its line of the table:
   mse  = mean over pixels and channels of (out - real)^2
   psnr = 10 log10(255^2 / mse)                                   (inf when identical)
   fmse = sum(mask * (out - real)^2) / (channels * sum(mask))   (foreground MSE)
@@ -32,17 +34,28 @@ to it when they differ) unless said otherwise:
          luminance variance there (so that a contrast or colour change alone leaves it at 1
          and only a loss of detail lowers it)
   mask_area = sum(mask) / (H * W) at the input's size
+  How the foreground changed, output against composite at 256 px (they expose a ruined
+  output, which lab_gap_after alone calls an improvement whenever the foreground moved toward
+  the background's statistics, right or wrong):
+  fg_delta_e, fg_delta_e_p95 = mean and 95th percentile over the mask of CIEDE2000 (about 2.3
+         is just noticeable; iHarmony4-strength corrections sit around 5-12 at the 95th)
+  fg_hue_shift = change of the hue angle of the foreground's mean (a*, b*), degrees in
+         (-180, 180]: a recoloured object (a face turned blue) shows tens of degrees
+  fg_chroma_change = mean chroma C* of the foreground, output minus composite (Lab units):
+         negative = washed out
+  fg_structure = mean over the mask of the SSIM of luma (Gaussian window as ssim): 1 = the
+         same structure and contrast; drops with invented content, blur or lost contrast
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from pipeline.imaging import resize, resize_each, rgb_to_lab
+from pipeline.imaging import delta_e_2000, eval_resize, eval_resize_mask, resize, rgb_to_lab
 
-EVAL_SIZE = 256
 # An identical background has infinite PSNR; capping it keeps means and histograms finite.
 # 100 dB is an MSE of 6.5e-6 (uint8 scale): about one grey level in one channel of one pixel
 # of a 256x256 background (101 dB). Below 100 dB, the background was changed.
@@ -69,14 +82,21 @@ def quantize(image: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.T
 
 
 def to_eval_scale(images: list[torch.Tensor]) -> torch.Tensor:
-    """Images of any sizes -> (B, 3, 256, 256) float64 holding uint8 values."""
-    batch = resize_each([image.float() for image in images], EVAL_SIZE)
-    return (batch.clamp(0, 1) * 255.0).round().double()
+    """Images of any sizes -> (B, 3, 256, 256) float64 holding uint8 values, on their device.
+
+    Resized on the host by PIL (`imaging.eval_resize`): a few small copies per image, and the
+    same pixels as the official evaluation's, to the last grey level."""
+    arrays = [
+        eval_resize(quantize(image, torch.uint8).permute(1, 2, 0).cpu().numpy()) for image in images
+    ]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch.to(images[0].device, torch.float64)
 
 
 def masks_to_eval_scale(masks: list[torch.Tensor]) -> torch.Tensor:
-    """Masks of any sizes -> (B, 1, 256, 256) float64 in {0, 1} (nearest)."""
-    return (resize_each([mask.float() for mask in masks], EVAL_SIZE, mode="nearest") > 0.5).double()
+    """Masks of any sizes -> (B, 1, 256, 256) float64 in {0, 1}: 1-bit, nearest (PIL)."""
+    arrays = [eval_resize_mask((mask[0] > 0.5).cpu().numpy()) for mask in masks]
+    return torch.from_numpy(np.stack(arrays))[:, None].to(masks[0].device, torch.float64)
 
 
 # Full-resolution images are compared in float32 (uint8 values and their squared differences
@@ -120,7 +140,12 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
 
 
 def ssim(output: torch.Tensor, real: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
-    """Mean SSIM of (B, C, H, W) images (as scikit-image's Gaussian SSIM, see the top).
+    """Mean SSIM of (B, C, H, W) images (as scikit-image's Gaussian SSIM, see the top)."""
+    return ssim_map(output, real, data_range).mean(dim=(1, 2, 3))
+
+
+def ssim_map(output: torch.Tensor, real: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
+    """The SSIM index per pixel, (B, C, H - 10, W - 10): the valid region of the 11x11 window.
 
     The window is applied without padding: scikit-image filters with reflected borders and
     then drops the border the window overlaps, which leaves exactly the valid region.
@@ -147,10 +172,57 @@ def ssim(output: torch.Tensor, real: torch.Tensor, data_range: float = 255.0) ->
     cov = blur(x * y) - mu_x * mu_y
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
-    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
         (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
     )
-    return index.mean(dim=(1, 2, 3))
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) BT.601 luma, on the images' scale."""
+    weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
+
+
+def foreground_change(
+    output_eval: torch.Tensor, composite_eval: torch.Tensor, mask_eval: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How the foreground changed from composite to output, at 256 px (uint8-valued images,
+    {0, 1} mask): CIEDE2000 mean and 95th percentile, the shift of its mean hue angle (degrees,
+    in (-180, 180]), the change of its mean chroma (Lab units) and the SSIM of its luma (over
+    the mask; 1 = same structure and contrast). NaN where the mask is empty."""
+    lab_c = rgb_to_lab(composite_eval / 255.0)
+    lab_o = rgb_to_lab(output_eval / 255.0)
+    difference = delta_e_2000(lab_c, lab_o)  # (B, 1, 256, 256)
+    fg = mask_eval > 0.5
+    count = fg.sum(dim=(1, 2, 3)).double()
+    safe = count.clamp(min=1)
+
+    def mean(values: torch.Tensor) -> torch.Tensor:  # over the mask, per image
+        return (values * fg).sum(dim=(1, 2, 3), dtype=torch.float64) / safe
+
+    p95 = torch.stack([
+        torch.quantile(d[m], 0.95) if m.any() else d.new_tensor(math.nan)
+        for d, m in zip(difference.double(), fg)
+    ])  # fmt: skip
+    hue_c = torch.atan2(mean(lab_c[:, 2:3]), mean(lab_c[:, 1:2]))
+    hue_o = torch.atan2(mean(lab_o[:, 2:3]), mean(lab_o[:, 1:2]))
+    hue_shift = torch.rad2deg(torch.remainder(hue_o - hue_c + math.pi, 2 * math.pi) - math.pi)
+    chroma = mean(torch.hypot(lab_o[:, 1:2], lab_o[:, 2:3])) - mean(
+        torch.hypot(lab_c[:, 1:2], lab_c[:, 2:3])
+    )
+    # SSIM's window needs 5 pixels around each: the map covers [5, 251), the mask likewise.
+    index = ssim_map(luma(output_eval.double()), luma(composite_eval.double()))
+    inner = fg[..., 5:-5, 5:-5]
+    inner_count = inner.sum(dim=(1, 2, 3)).double()
+    structure = (index * inner).sum(dim=(1, 2, 3)) / inner_count.clamp(min=1)
+    empty = count == 0
+    return {
+        "fg_delta_e": mean(difference).masked_fill(empty, math.nan),
+        "fg_delta_e_p95": p95.to(count.device),
+        "fg_hue_shift": hue_shift.masked_fill(empty, math.nan),
+        "fg_chroma_change": chroma.masked_fill(empty, math.nan),
+        "fg_structure": structure.masked_fill(inner_count == 0, math.nan),
+    }
 
 
 def lab_gap(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -304,6 +376,7 @@ def reference_free_metrics(
     metrics = {name: torch.cat(values) for name, values in per_image.items()}
     metrics["lab_gap_before"] = lab_gap(composite_eval / 255.0, mask_eval)
     metrics["lab_gap_after"] = lab_gap(output_eval / 255.0, mask_eval)
+    metrics.update(foreground_change(output_eval, composite_eval, mask_eval))
     return metrics
 
 

@@ -34,6 +34,7 @@ RESULTS_FIELDS = [
     _field("model_fingerprint", pa.string(), "hash of the model's weights and configuration"),
     _field("params_hash", pa.string(), "hash of model, fingerprint and every output parameter"),
     _field("model_params", pa.string(), "JSON of every parameter that affects the output"),
+    _field("device", pa.string(), "where the model ran: 'cuda:<GPU name>' or 'cpu'"),
     _field("resolution", pa.int32(), "square working resolution of the model"),
     _field("steps", pa.int32(), "stage-1 scheduler steps"),
     _field("seed", pa.int64(), "run seed"),
@@ -80,13 +81,36 @@ RESULTS_FIELDS = [
         "foreground Laplacian energy / variance, output over composite; <1 blurrier, 1 same",
         "closer to 1",
     ),
+    _metric(
+        "fg_delta_e",
+        "mean CIEDE2000 output vs composite inside the mask, 256 px; [0, ~100], 2.3 just visible",
+        "none",
+    ),
+    _metric(
+        "fg_delta_e_p95", "95th percentile of the same CIEDE2000 inside the mask; [0, ~100]", "none"
+    ),
+    _metric(
+        "fg_hue_shift",
+        "hue angle of the foreground's mean (a*, b*), output minus composite; degrees (-180, 180]",
+        "closer to 0",
+    ),
+    _metric(
+        "fg_chroma_change",
+        "mean chroma C* of the foreground, output minus composite (Lab units); < 0 washed out",
+        "none",
+    ),
+    _metric(
+        "fg_structure",
+        "SSIM of luma, output vs composite, over the mask (256 px); [-1, 1], 1 same structure",
+        "higher",
+    ),
     _metric("mask_area", "fraction of the image inside the mask; (0, 1)", "none"),
     _field("run_id", pa.string(), "the run that produced this row", nullable=False),
     _field("created_at", pa.timestamp("us", tz="UTC"), "when the row was written"),
 ]
 RESULTS_SCHEMA = pa.schema(RESULTS_FIELDS)
 METRIC_COLUMNS = [f.name for f in RESULTS_FIELDS if f.metadata and b"better" in f.metadata]
-# Which way each metric is better: "higher", "lower", "closer to 1" or "none" (a description).
+# Which way each metric is better: "higher", "lower", "closer to 1", "closer to 0" or "none".
 METRIC_BETTER = {
     f.name: f.metadata[b"better"].decode() for f in RESULTS_FIELDS if f.name in METRIC_COLUMNS
 }

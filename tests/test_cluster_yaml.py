@@ -78,6 +78,9 @@ def test_node_types() -> None:
     }
     assert gpu_types, "no worker node type with a GPU"
     assert any(node_type["max_workers"] >= 1 for node_type in gpu_types.values())
+    # A GPU worker stays up: placement reads GPUs from the cluster (pipeline/placement.py), and
+    # the cluster launcher's autoscaler does not report node types a run could scale up to.
+    assert any(node_type["min_workers"] >= 1 for node_type in gpu_types.values())
     assert config["max_workers"] >= 1
 
     assert _resources_are_ints(config)

@@ -117,6 +117,9 @@ def _run(manifest: str, output: Path, model_dir: Path, dtype: str) -> dict[str, 
     files = [f for f in fs.find(path) if f.endswith(".parquet")]
     rows = pq.read_table(files[0]) if len(files) == 1 else pq.ParquetDataset(files).read()
     assert set(rows["status"].to_pylist()) == {"ok"}
+    # Where it ran, as the results record it: the GPU's name, not a silent CPU fallback.
+    assert {d.split(":")[0] for d in rows["device"].to_pylist()} == {"cuda"}
+    assert f"ran on:  {rows['device'][0]} (8)" in result.output
     return {
         row["sample_id"]: np.asarray(Image.open(row["output_uri"]).convert("RGB"))
         for row in rows.to_pylist()

@@ -32,7 +32,7 @@ from pipeline.models.loading import (
     save_empty_prompt_embeds,
     verify_cache,
 )
-from pipeline.models.refiner import RefinerConfig, RefinerUNet, refiner_preset
+from pipeline.models.refiner import RefinerUNet, refiner_preset
 
 RESOLUTION = 64
 OUTPUT_RESOLUTION = 32
@@ -267,11 +267,9 @@ def test_refiner_base_config_has_the_official_parameter_names() -> None:
 
     config = refiner_preset("base", in_channels=7)
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in RefinerUNet(config).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in RefinerUNet(**config).state_dict().items()}
         # The official class is diffusers' UNet2DModel with the time embedding left out.
-        reference_args = {
-            k: v for k, v in config.to_dict().items() if k not in ("_class_name", "input_residual")
-        }
+        reference_args = {k: v for k, v in config.items() if k != "input_residual"}
         reference = UNet2DModel(**reference_args).state_dict()
     expected = {k: tuple(v.shape) for k, v in reference.items() if "time_emb" not in k}
     assert shapes == expected
@@ -295,14 +293,19 @@ def test_refiner_base_config_has_the_official_parameter_names() -> None:
 
 def test_refiner_round_trips_strictly_through_the_official_layout(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = RefinerUNet(refiner_preset("small", in_channels=7))
+    model = RefinerUNet(**refiner_preset("small", in_channels=7))
     model.save_pretrained(tmp_path / "refiner")
     config = json.loads((tmp_path / "refiner" / "config.json").read_text())
     assert config["_class_name"] == "UNet2DCustom" and config["in_channels"] == 7
     assert (tmp_path / "refiner" / "diffusion_pytorch_model.safetensors").is_file()
 
-    loaded = RefinerUNet.from_pretrained(tmp_path / "refiner")  # strict=True inside
-    assert loaded.config == model.config
+    loaded, info = RefinerUNet.from_pretrained(tmp_path / "refiner", output_loading_info=True)
+    assert not any(info.values()), info
+
+    def public(config: dict[str, object]) -> object:  # JSON reads tuples back as lists
+        return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+
+    assert public(loaded.config) == public(model.config)
     result = RefinerUNet.from_config(config).load_state_dict(model.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     for (name, value), (loaded_name, loaded_value) in zip(
@@ -315,27 +318,33 @@ def test_refiner_round_trips_strictly_through_the_official_layout(tmp_path: Path
 
 
 def test_refiner_with_a_zero_body_returns_its_residual_input() -> None:
-    config = RefinerConfig.from_dict(
-        {**refiner_preset("small", in_channels=7).to_dict(), "block_out_channels": [32, 32, 64, 64]}
-    )
-    model = RefinerUNet(config).eval()
+    config = {**refiner_preset("small", in_channels=7), "block_out_channels": (32, 32, 64, 64)}
+    model = RefinerUNet(**config).eval()
     for parameter in model.parameters():
         parameter.data.zero_()
     sample = torch.rand(2, 7, 40, 24) * 2 - 1  # 40 x 24: not multiples of 8, sizes still match
     with torch.inference_mode():
         output = model(sample)
         assert torch.equal(output, sample[:, :3])
-        no_residual = RefinerUNet(replace(config, input_residual=False)).eval()
+        no_residual = RefinerUNet(**{**config, "input_residual": False}).eval()
         for parameter in no_residual.parameters():
             parameter.data.zero_()
         assert torch.equal(no_residual(sample), torch.zeros(2, 3, 40, 24))
 
 
-def test_refiner_refuses_unsupported_input_channels() -> None:
+def test_refiner_refuses_unsupported_input_channels(tiny_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="in_channels"):
-        RefinerUNet(refiner_preset("small", in_channels=5))
-    with pytest.raises(ValueError, match="unknown refiner config keys"):
-        RefinerConfig.from_dict({"in_channels": 7, "time_embedding_type": "positional"})
+        RefinerUNet(**refiner_preset("small", in_channels=5))
+    # A config with keys the official class does not take is another model: refused by name.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    config = json.loads((model_dir / "refiner" / "config.json").read_text())
+    (model_dir / "refiner" / "config.json").write_text(
+        json.dumps({**config, "time_embedding_type": "positional"})
+    )
+    assert check_model_dir(model_dir) == [
+        "refiner/config.json: time_embedding_type: not arguments of the official UNet2DCustom"
+    ]
 
 
 # --- model directories -------------------------------------------------------------------------

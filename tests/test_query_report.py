@@ -106,6 +106,7 @@ def test_stats_counts_quantiles_and_subset_means(demo_run: tuple[str, pa.Table])
     for name in METRIC_COLUMNS:
         assert f"\n{name} " in result.output
     assert "\ndemo " in result.output and "\nAll " in result.output
+    assert "ran on: cpu (8)" in result.output  # where the model ran, from each row
 
     result = invoke("stats", "--results", output, "--json")
     assert result.exit_code == 0, result.output
@@ -121,6 +122,18 @@ def test_stats_counts_quantiles_and_subset_means(demo_run: tuple[str, pa.Table])
         assert (metric["min"], metric["max"]) == pytest.approx((values.min(), values.max()))
     subsets = {row["subset"]: row for row in summary["subsets"]}
     assert set(subsets) == {"demo", "All"} and subsets["demo"]["images"] == 8
+    assert summary["devices"] == {"cpu": 8}
+    # The reference-free filter against the ground truth, counted over the same rows.
+    rows = table.to_pylist()
+    keep = [
+        r["bg_psnr"] > 35 and r["fg_delta_e_p95"] < 12 and abs(r["fg_hue_shift"]) < 30
+        and r["fg_structure"] > 0.8 for r in rows
+    ]  # fmt: skip
+    better = [r["mse"] < r["composite_mse"] for r in rows]
+    quality = summary["quality_filter"]
+    assert quality["kept_better"] == sum(k and b for k, b in zip(keep, better))
+    assert quality["rejected_worse"] == sum(not k and not b for k, b in zip(keep, better))
+    assert sum(v for k, v in quality.items() if k != "condition") == 8
     assert subsets["demo"]["means"]["fmse"] == pytest.approx(table["fmse"].to_numpy().mean())
 
     median = float(np.median(table["psnr"].to_numpy()))
@@ -313,7 +326,7 @@ def report(demo_run: tuple[str, pa.Table], tmp_path_factory: pytest.TempPathFact
     result = invoke("report", "--results", output, "--out", str(path), "--count", "3",
                     "--metric", "psnr")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "36 thumbnails" in result.output and "failed" not in result.output
+    assert "45 thumbnails" in result.output and "failed" not in result.output
     return path
 
 
@@ -322,8 +335,8 @@ def test_report_is_self_contained_and_every_thumbnail_decodes(
 ) -> None:
     _, table = demo_run
     page = parse(report)
-    # Best, worst and random 3, each with composite, harmonized, mask and real.
-    assert len(page.images) == 3 * 3 * len(IMAGE_KINDS)
+    # Best, worst and random 3: composite, harmonized, mask, real and |harmonized - composite|.
+    assert len(page.images) == 3 * 3 * (len(IMAGE_KINDS) + 1)
     for src in page.images:
         assert src.startswith("data:image/jpeg;base64,")
         image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
@@ -338,6 +351,12 @@ def test_report_is_self_contained_and_every_thumbnail_decodes(
     assert best == [r["sample_id"] for r in ranked[:3]]
     assert worst == [r["sample_id"] for r in ranked[::-1][:3]]
     assert len(set(random)) == 3
+    text = report.read_text()
+    assert "<p>ran on: cpu (8)</p>" in text
+    # Composite MSE against output MSE, one point per sample with ground truth.
+    assert 'data-points="8"' in text and text.count("<circle ") == 8
+    worse = sum(r["mse"] >= r["composite_mse"] for r in table.to_pylist())
+    assert f"{8 - worse} closer to the ground truth" in text and f"{worse} further" in text
 
 
 def test_report_shows_an_image_it_cannot_read(
@@ -354,8 +373,10 @@ def test_report_shows_an_image_it_cannot_read(
     assert summary.failed and all(ids[0] in message for message in summary.failed)
     assert "FileNotFoundError" in summary.failed[0]
     page = parse(tmp_path / "r.html")
-    assert page.missing == 3  # sections of 8 of 8 samples: the sample is in all three
-    assert len(page.images) == 3 * 8 * len(IMAGE_KINDS) - 3
+    # Sections of 8 of 8 samples: the sample is in all three, without its harmonized image
+    # and so without its difference image.
+    assert page.missing == 6
+    assert len(page.images) == 3 * 8 * (len(IMAGE_KINDS) + 1) - 6
     # The command says so on stderr and exits 1; the page is still written.
     (tmp_path / "r.html").unlink()
     result = invoke("report", "--results", str(tmp_path / "out"), "--out",
@@ -412,7 +433,7 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-2000:]
     body = done.stdout[done.stdout.index("<body") :].split(">", 1)[0]
     attributes = dict(part.split("=", 1) for part in body.split()[1:] if "=" in part)
-    total = 3 * 3 * len(IMAGE_KINDS)
+    total = 3 * 3 * (len(IMAGE_KINDS) + 1)
     assert attributes.get("data-images-total") == f'"{total}"', body
     assert attributes.get("data-images-loaded") == f'"{total}"', body
     assert attributes.get("data-images-broken") == '"0"', body

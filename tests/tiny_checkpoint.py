@@ -1,21 +1,34 @@
-"""A tiny random-weight DiffHarmony model directory in exactly the official layout, for tests.
+"""Tiny random-weight DiffHarmony model directories, in the formats real downloads come in.
 
 Enters: a folder to write into.
-Leaves: ROOT/{tokenizer,text_encoder,scheduler,vae,unet,refiner} with the same file names,
-config keys and module structure as the real components (stable-diffusion-inpainting's tokenizer,
-text encoder and scheduler, sd-vae-ft-mse, the DiffHarmony UNet and refiner), only far smaller.
+Leaves:
+- `write_tiny_model_dir`: ROOT/{tokenizer,text_encoder,scheduler,vae,unet,refiner} with the same
+  file names, config keys and module structure as the real components (stable-diffusion-
+  inpainting's tokenizer, text encoder and scheduler, sd-vae-ft-mse, the DiffHarmony UNet and
+  refiner), only far smaller, written by today's libraries (transformers 5, diffusers).
+- `FORMATS`: rewrites of such a folder, in place, into the formats real downloads have: a text
+  encoder saved by transformers 4.x (`text_model.` prefix), the VAE with pre-diffusers-0.14
+  attention names, pickled `.bin` weights, fp16 variant files, sharded safetensors, tokenizers
+  with only `tokenizer.json` or with `vocab.json` + `merges.txt`. Each holds the same tensors as
+  the modern folder (for fp16: as `round_to_fp16` of it), so no old library is needed.
+- `write_official_download`: the three downloads `harmonize model assemble` takes, laid out as
+  users get them (nested release folders, `.bin` files, decoy components that must not be taken).
 Weights are drawn from a fixed seed, so two calls write identical files. Works offline.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 TEXT_HIDDEN = 32
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
 
 # stable-diffusion-inpainting's scheduler/scheduler_config.json, which the official script turns
 # into an EulerAncestralDiscreteScheduler with `from_config`.
@@ -34,48 +47,35 @@ SD_INPAINTING_SCHEDULER = {
 }
 
 
-def _write_tokenizer(folder: Path) -> int:
-    """A byte-level-BPE CLIP tokenizer with a lowercase-letter vocabulary; returns vocab size."""
-    folder.mkdir(parents=True)
+def _tokenizer() -> object:
+    """A byte-level-BPE CLIP tokenizer over lowercase letters and two merges ("th", "the")."""
+    from transformers import CLIPTokenizer
+
     letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = list(letters) + [c + "</w>" for c in letters] + [_BOS, _EOS]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    specials = {"bos_token": _BOS, "eos_token": _EOS, "unk_token": _EOS, "pad_token": _EOS}
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **specials}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return len(vocab)
+    tokens = [*letters, *(c + "</w>" for c in letters), "th", "the</w>", _BOS, _EOS]
+    return CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(tokens)},
+        merges=[("t", "h"), ("th", "e</w>")],
+        model_max_length=77,
+    )
 
 
 def _save_torch_bin(model: torch.nn.Module, path: Path) -> None:
     """A pickled state dict, as older diffusers/transformers releases wrote them."""
-    (path.parent / "model.safetensors").unlink(missing_ok=True)
-    (path.parent / "diffusion_pytorch_model.safetensors").unlink(missing_ok=True)
+    (path.parent / TRANSFORMERS_WEIGHTS).unlink(missing_ok=True)
+    (path.parent / DIFFUSERS_WEIGHTS).unlink(missing_ok=True)
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
 
-def write_tiny_model_dir(root: Path, *, safetensors: bool = True) -> Path:
-    """Write the tiny model directory under `root` and return `root`.
-
-    safetensors=False stores every weight file as a pickled `.bin` instead (for the refusal test).
-    """
+def _modules(seed: int = 0) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipeline.models.refiner import RefinerConfig, RefinerUNet
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    vocab_size = _write_tokenizer(root / "tokenizer")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SD_INPAINTING_SCHEDULER, indent=2)
-    )
+    from pipeline.models.refiner import RefinerUNet
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
+        vocab_size = 56  # _tokenizer()'s
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=vocab_size,
@@ -117,31 +117,310 @@ def write_tiny_model_dir(root: Path, *, safetensors: bool = True) -> Path:
             norm_num_groups=8,
         )
         refiner = RefinerUNet(
-            RefinerConfig(
-                sample_size=32,
-                in_channels=7,
-                out_channels=3,
-                down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D"),
-                block_out_channels=(8, 16),
-                layers_per_block=1,
-                downsample_padding=0,
-                attention_head_dim=None,
-                norm_num_groups=4,
-                norm_eps=1e-6,
-                input_residual=True,
-            )
+            sample_size=32,
+            in_channels=7,
+            out_channels=3,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            downsample_padding=0,
+            attention_head_dim=None,
+            norm_num_groups=4,
+            norm_eps=1e-6,
+            input_residual=True,
         )
         # Random init leaves the refiner's output tiny next to its residual; scale it up so the
         # tests can see stage 2 at work.
         refiner.conv_out.weight.data.mul_(20.0)
+    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "refiner": refiner}
 
-    text_encoder.save_pretrained(root / "text_encoder")
-    vae.save_pretrained(root / "vae")
-    unet.save_pretrained(root / "unet")
-    refiner.save_pretrained(root / "refiner")
+
+def write_tiny_model_dir(root: Path, *, safetensors: bool = True, seed: int = 0) -> Path:
+    """Write the tiny model directory under `root` and return `root`.
+
+    safetensors=False stores every weight file as a pickled `.bin` instead (for the refusal test).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _tokenizer().save_pretrained(root / "tokenizer")  # type: ignore[attr-defined]
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SD_INPAINTING_SCHEDULER, indent=2)
+    )
+    modules = _modules(seed)
+    for name, module in modules.items():
+        module.save_pretrained(root / name)  # type: ignore[operator]
     if not safetensors:
-        _save_torch_bin(text_encoder, root / "text_encoder" / "pytorch_model.bin")
-        for name, model in (("vae", vae), ("unet", unet), ("refiner", refiner)):
-            _save_torch_bin(model, root / name / "diffusion_pytorch_model.bin")
+        _save_torch_bin(modules["text_encoder"], root / "text_encoder" / "pytorch_model.bin")
+        for name in ("vae", "unet", "refiner"):
+            _save_torch_bin(modules[name], root / name / "diffusion_pytorch_model.bin")
     return root
+
+
+# --- the formats of real downloads, made from a modern folder ----------------------------------
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no single safetensors file to rewrite")
+
+
+def _rewrite(folder: Path, change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]):
+    from safetensors.torch import load_file, save_file
+
+    path = _weights_file(folder)
+    tensors = change(load_file(str(path)))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), {"format": "pt"})
+
+
+def text_model_prefix(folder: Path) -> None:
+    """text_encoder/ as transformers 4.x saved CLIPTextModel (and as SD inpainting publishes it):
+    every weight under `text_model.`, the `position_ids` buffer stored, a 4.x config.json."""
+
+    def prefixed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        renamed = {f"text_model.{k}": v for k, v in tensors.items()}
+        renamed["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        return renamed
+
+    _rewrite(folder, prefixed)
+    config = json.loads((folder / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    config["transformers_version"] = "4.22.0.dev0"
+    config["_name_or_path"] = "openai/clip-vit-large-patch14"
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+# diffusers 0.14 renamed the attention block's projections; older checkpoints (sd-vae-ft-mse's
+# among them) keep the old names. Only the fixture spells them out: the loader leaves the mapping
+# to diffusers.
+_PRE_014_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def pre_014_attention_names(folder: Path) -> None:
+    """vae/ as sd-vae-ft-mse ships it: attention weights named query/key/value/proj_attn, and a
+    diffusers-0.4 config.json (no scaling_factor and the other keys added since)."""
+
+    def renamed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        result = {}
+        for key, value in tensors.items():
+            for new, old in _PRE_014_ATTENTION.items():
+                key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+            result[key] = value
+        return result
+
+    _rewrite(folder, renamed)
+    config = json.loads((folder / "config.json").read_text())
+    kept = (
+        "act_fn block_out_channels down_block_types in_channels latent_channels "
+        "layers_per_block norm_num_groups out_channels sample_size up_block_types"
+    ).split()
+    old = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2"}
+    (folder / "config.json").write_text(
+        json.dumps({**old, **{k: config[k] for k in kept}}, indent=2)
+    )
+
+
+def pickled(folder: Path) -> None:
+    """The weights as a pickled `.bin` (diffusers' or transformers' name), tensor for tensor."""
+    from safetensors.torch import load_file
+
+    path = _weights_file(folder)
+    names = {
+        TRANSFORMERS_WEIGHTS: "pytorch_model.bin",
+        DIFFUSERS_WEIGHTS: "diffusion_pytorch_model.bin",
+    }
+    torch.save(load_file(str(path)), folder / names[path.name])
+    path.unlink()
+
+
+def fp16_variant(folder: Path) -> None:
+    """Only the fp16 variant file (`*.fp16.safetensors`), as a download of the fp16 files has."""
+    from safetensors.torch import load_file, save_file
+
+    path = _weights_file(folder)
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    stem, extension = path.name.rsplit(".", 1)
+    save_file(tensors, str(folder / f"{stem}.fp16.{extension}"), {"format": "pt"})
+    path.unlink()
+
+
+def round_to_fp16(folder: Path) -> None:
+    """The same file with every float tensor rounded to fp16 and stored as fp32: the modern
+    copy of what `fp16_variant` holds."""
+    _rewrite(
+        folder,
+        lambda tensors: {
+            k: v.half().float() if v.is_floating_point() else v for k, v in tensors.items()
+        },
+    )
+
+
+def sharded(folder: Path) -> None:
+    """Safetensors shards and the `.index.json` naming them, split by huggingface_hub as the
+    libraries' save_pretrained does (here in about three shards)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import load_file, save_file
+
+    path = _weights_file(folder)
+    tensors = load_file(str(path))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    stem = path.name.removesuffix(".safetensors")
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern=stem + "{suffix}.safetensors", max_shard_size=total // 3 + 1
+    )
+    assert split.is_sharded
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / filename), {"format": "pt"})
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    (folder / f"{path.name}.index.json").write_text(json.dumps(index, indent=2))
+    path.unlink()
+
+
+def _tokenizer_model(folder: Path) -> dict[str, object]:
+    return json.loads((folder / "tokenizer.json").read_text())["model"]
+
+
+def tokenizer_json_only(folder: Path) -> None:
+    """tokenizer/ holding nothing but `tokenizer.json`."""
+    for path in folder.iterdir():
+        if path.name != "tokenizer.json":
+            path.unlink()
+
+
+def _added_token(content: str) -> dict[str, object]:
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }
+
+
+def vocab_and_merges(folder: Path) -> None:
+    """tokenizer/ as stable-diffusion-inpainting publishes it (written by transformers 4.x):
+    vocab.json + merges.txt + a 4.x tokenizer_config.json and special_tokens_map.json, no
+    tokenizer.json."""
+    model = _tokenizer_model(folder)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # type: ignore[union-attr]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    special = {k: _added_token(v) for k, v in (("bos_token", _BOS), ("eos_token", _EOS))}
+    config = {
+        **special,
+        "unk_token": _added_token(_EOS),
+        "pad_token": _EOS,
+        "add_prefix_space": False,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": 77,
+        "name_or_path": "openai/clip-vit-large-patch14",
+        "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    specials_map = {
+        k: {key: value for key, value in v.items() if key != "__type"} for k, v in special.items()
+    }
+    specials_map |= {"unk_token": specials_map["eos_token"], "pad_token": _EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials_map, indent=2))
+    (folder / "tokenizer.json").unlink()
+
+
+def _each(names: tuple[str, ...], rewrite: Callable[[Path], None]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        for name in names:
+            rewrite(root / name)
+
+    return apply
+
+
+# Format name -> the rewrite of a modern model directory into it.
+FORMATS: dict[str, Callable[[Path], None]] = {
+    "text-encoder-text-model-prefix": _each(("text_encoder",), text_model_prefix),
+    "vae-pre-0.14-attention-names": _each(("vae",), pre_014_attention_names),
+    "pickled-unet-and-refiner": _each(("unet", "refiner"), pickled),
+    "fp16-variants": _each(("text_encoder", "vae", "unet", "refiner"), fp16_variant),
+    "sharded-safetensors": _each(("text_encoder", "unet", "refiner"), sharded),
+    "tokenizer-json-only": _each(("tokenizer",), tokenizer_json_only),
+    "tokenizer-vocab-merges": _each(("tokenizer",), vocab_and_merges),
+}
+# Formats whose modern copy holds fp16-rounded weights (`round_to_fp16`).
+ROUNDED_TO_FP16 = {"fp16-variants": ("text_encoder", "vae", "unet", "refiner")}
+NEEDS_PICKLES = {"pickled-unet-and-refiner"}
+
+
+# --- the three downloads `harmonize model assemble` takes ---------------------------------------
+
+
+def _scale_weights(folder: Path, factor: float) -> None:
+    """Another model of the same shape: a decoy that must not end up in the model directory."""
+    _rewrite(folder, lambda tensors: {k: v * factor for k, v in tensors.items()})
+
+
+def write_official_download(root: Path, seed: int = 0) -> dict[str, Path]:
+    """The downloads as users get them, holding the tiny model's tensors.
+
+    - stable-diffusion-inpainting/: a whole diffusers repository (model_index.json, its own
+      9-channel unet/ and vae/ as decoys), tokenizer/ with vocab.json + merges.txt, the text
+      encoder in transformers 4.x's names as model.safetensors and pytorch_model.bin;
+    - sd-vae-ft-mse/: config.json of diffusers 0.4, pre-0.14 attention names, .bin + .safetensors;
+    - DiffHarmony/: the extracted release, nested: the stage-1 UNet and the refiner as pickled
+      .bin, and a DiffHarmony++ ConditionVAE folder.
+    Assembled, they make the same model as `write_tiny_model_dir(seed=seed)`.
+    """
+    root = Path(root)
+    modern = write_tiny_model_dir(root / ".modern", seed=seed)
+
+    inpainting = root / "stable-diffusion-inpainting"
+    inpainting.mkdir(parents=True)
+    index = {
+        "_class_name": "StableDiffusionInpaintPipeline",
+        "_diffusers_version": "0.6.0",
+        **{
+            name: [library, cls]
+            for name, library, cls in (
+                ("scheduler", "diffusers", "PNDMScheduler"),
+                ("text_encoder", "transformers", "CLIPTextModel"),
+                ("tokenizer", "transformers", "CLIPTokenizer"),
+                ("unet", "diffusers", "UNet2DConditionModel"),
+                ("vae", "diffusers", "AutoencoderKL"),
+            )
+        },
+    }
+    (inpainting / "model_index.json").write_text(json.dumps(index, indent=2))
+    for name in ("tokenizer", "text_encoder", "scheduler", "unet", "vae"):
+        shutil.copytree(modern / name, inpainting / name)
+    vocab_and_merges(inpainting / "tokenizer")
+    text_model_prefix(inpainting / "text_encoder")
+    shutil.copy(inpainting / "text_encoder" / TRANSFORMERS_WEIGHTS, root / "te.safetensors")
+    pickled(inpainting / "text_encoder")  # pytorch_model.bin ...
+    shutil.move(root / "te.safetensors", inpainting / "text_encoder" / TRANSFORMERS_WEIGHTS)
+    _scale_weights(inpainting / "unet", 0.5)  # the inpainting model's own UNet, not DiffHarmony's
+    _scale_weights(inpainting / "vae", 0.5)
+
+    vae = root / "sd-vae-ft-mse"
+    shutil.copytree(modern / "vae", vae)
+    pre_014_attention_names(vae)
+    shutil.copy(vae / DIFFUSERS_WEIGHTS, root / "vae.safetensors")
+    pickled(vae)
+    shutil.move(root / "vae.safetensors", vae / DIFFUSERS_WEIGHTS)
+
+    release = root / "DiffHarmony"
+    stage1 = release / "pretrained" / "diffharmony" / "unet"
+    refiner = release / "pretrained" / "refinement" / "base" / "unet"
+    cvae = release / "pretrained" / "cvae" / "vae"
+    shutil.copytree(modern / "unet", stage1)
+    shutil.copytree(modern / "refiner", refiner)
+    shutil.copytree(modern / "vae", cvae)
+    for folder in (stage1, refiner, cvae):
+        pickled(folder)
+    cvae_config = json.loads((cvae / "config.json").read_text())
+    cvae_config |= {"_class_name": "ConditionVAE", "additional_in_channels": 1}
+    (cvae / "config.json").write_text(json.dumps(cvae_config, indent=2))
+    shutil.rmtree(modern)
+    return {"inpainting": inpainting, "vae": vae, "diffharmony": release}

@@ -3,7 +3,8 @@
 Enters: a `HarmonizeBatch` (full-resolution composites (3, H_i, W_i) in [0, 1], binary masks,
 per-sample seeds).
 Leaves: one harmonized image per sample through `Harmonizer.finish`: at each input's own size with
-the background pixel-exact, or the official square `output_resolution` image.
+the background pixel-exact, or the official square `output_resolution` image as the model made
+it (background included: the VAE's reconstruction, not the composite's pixels).
 
 Inference follows the official `scripts/inference/main.py` + `StableDiffusionHarmonyPipeline`:
 composite and mask resized straight to a square `resolution`, 5 Euler-ancestral steps from pure

@@ -8,17 +8,24 @@ the constant empty-prompt embedding (`load_components`).
 Expected layout (the official release's components, in diffusers folder layout):
 
     ROOT/
-      tokenizer/     CLIPTokenizer files (vocab.json, merges.txt, ...) stable-diffusion-inpainting
-      text_encoder/  CLIPTextModel config.json + model.safetensors      stable-diffusion-inpainting
-      scheduler/     scheduler_config.json                               stable-diffusion-inpainting
-      vae/           AutoencoderKL config.json + diffusion_pytorch_model.safetensors  sd-vae-ft-mse
-      unet/          UNet2DConditionModel, in_channels 9                 DiffHarmony release
-      refiner/       stage-2 UNet2DCustom, in_channels 3/4/7             DiffHarmony release
+      tokenizer/     CLIPTokenizer: tokenizer.json, or vocab.json + merges.txt   SD inpainting
+      text_encoder/  CLIPTextModel config.json + weights                          SD inpainting
+      scheduler/     scheduler_config.json                                        SD inpainting
+      vae/           AutoencoderKL config.json + weights                          sd-vae-ft-mse
+      unet/          UNet2DConditionModel, in_channels 9                          DiffHarmony
+      refiner/       stage-2 UNet2DCustom, in_channels 3/4/7                      DiffHarmony
       empty_prompt_embeds.safetensors  optional: key "prompt_embeds", (1, 77, D); when present,
                                        tokenizer/ and text_encoder/ are neither needed nor loaded
 
+Each component is loaded by its own library's `from_pretrained` (transformers for the text
+encoder and tokenizer, diffusers for the rest, the refiner being a diffusers model), so the files
+real downloads hold are read as those libraries read them: weight names of their older versions
+(CLIP's `text_model.` prefix, the VAE's pre-0.14 attention names), shards with an `.index.json`,
+variants (`*.fp16.safetensors`). `check_model_dir` runs the very same loads and turns what the
+libraries report (missing or surplus tensors, wrong shapes, unreadable files) into one line each.
 Weights are read from `.safetensors`; pickled `.bin` files are refused unless the caller allows
-them (`allow_unsafe_pickle`), and even then they are read with `torch.load(weights_only=True)`.
+them (`allow_unsafe_pickle`), and even then both libraries read them with
+`torch.load(weights_only=True)`.
 
 Remote directories are copied once per node to `<cache_dir>/<sha256(uri)[:16]>/` (default cache
 `~/.cache/harmonize/models`): files go to a temporary folder, their sha256 is computed while they
@@ -31,26 +38,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.models.refiner import (
-    SUPPORTED_IN_CHANNELS,
-    RefinerConfig,
-    RefinerUNet,
-    rename_legacy_attention_keys,
-)
+from pipeline.models.refiner import OFFICIAL_CLASS_NAME, RefinerUNet
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ MANIFEST = ".harmonize-manifest.json"
 UNET_IN_CHANNELS = 9  # 4 noisy latent + 1 mask + 4 composite latent
 DEFAULT_CACHE = Path("~/.cache/harmonize/models")
 
-_SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-_PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
 _CHUNK = 8 << 20
 
 
@@ -81,86 +80,151 @@ class UnsafePickleError(ModelDirError):
 
 # --- weight files ------------------------------------------------------------------------------
 
+# Which library loads which component, and so whose file names and renaming rules apply.
+DIFFUSERS = "diffusers"
+TRANSFORMERS = "transformers"
 
-def _shards(index_file: Path) -> list[Path]:
-    weight_map = json.loads(index_file.read_text())["weight_map"]
-    return [index_file.parent / name for name in sorted(set(weight_map.values()))]
 
+def library_weight_names(library: str) -> tuple[str, str, str, str]:
+    """(safetensors file, its shard index, pickle file, its shard index) as `library` names them."""
+    if library == DIFFUSERS:
+        from diffusers.utils import (
+            SAFE_WEIGHTS_INDEX_NAME,
+            SAFETENSORS_WEIGHTS_NAME,
+            WEIGHTS_INDEX_NAME,
+            WEIGHTS_NAME,
+        )
 
-def weight_files(folder: Path, *, allow_unsafe_pickle: bool = False) -> list[Path]:
-    """The weight files of one component folder, safetensors preferred (single file or shards)."""
-    for name in _SAFETENSORS_NAMES:
-        if (folder / name).is_file():
-            return [folder / name]
-        if (folder / f"{name}.index.json").is_file():
-            return _shards(folder / f"{name}.index.json")
-    candidates = [*_PICKLE_NAMES, *(f"{n}.index.json" for n in _PICKLE_NAMES)]
-    pickles = [folder / name for name in candidates if (folder / name).is_file()]
-    if pickles:
-        if not allow_unsafe_pickle:
-            raise UnsafePickleError(
-                f"{pickles[0]} is a pickled checkpoint; convert it to safetensors, or allow "
-                "pickles explicitly (allow_unsafe_pickle / --allow-unsafe-pickle) if you trust it"
-            )
-        first = pickles[0]
-        return _shards(first) if first.name.endswith(".index.json") else [first]
-    raise ModelDirError(
-        f"{folder}: no weights (expected {_SAFETENSORS_NAMES[0]} or {_SAFETENSORS_NAMES[1]})"
+        return SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME
+    from transformers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
     )
 
-
-def read_weights(path: Path, *, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """One weight file as a CPU state dict."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if not allow_unsafe_pickle:
-        raise UnsafePickleError(f"{path} is a pickled checkpoint and pickles are not allowed")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME
 
 
-def weight_shapes(folder: Path, *, allow_unsafe_pickle: bool = False) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, read from safetensors headers (no tensor data is loaded)."""
+def with_variant(name: str, variant: str | None) -> str:
+    """A weight file name with a variant, as both libraries spell it: before the last extension
+    (`diffusion_pytorch_model.fp16.safetensors`, `model.safetensors.index.fp16.json`)."""
+    if variant is None:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def _variants(name: str, names: Collection[str]) -> set[str]:
+    stem, extension = name.rsplit(".", 1)
+    pattern = re.compile(rf"{re.escape(stem)}\.(\w+)\.{re.escape(extension)}")
+    return {match.group(1) for n in names if (match := pattern.fullmatch(n))}
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """The weights a library is asked to read from one component folder."""
+
+    entry: str  # the single weight file, or the shard index naming the files
+    safetensors: bool
+    variant: str | None  # "fp16" for diffusion_pytorch_model.fp16.safetensors, ...
+
+    @property
+    def sharded(self) -> bool:
+        return self.entry.endswith(".json")
+
+
+def choose_weights(
+    names: Collection[str], library: str, where: str, *, allow_unsafe_pickle: bool = False
+) -> WeightsChoice:
+    """Which weights of a component folder (its file names) to load, as `from_pretrained` args.
+
+    Safetensors before pickles, the plain file before variants (a download may hold the fp32
+    file, its fp16 variant and pickles of both). Several variants and no plain file is
+    ambiguous. Pickles are refused (UnsafePickleError) unless allowed. `where` prefixes messages.
+    """
+    safe, safe_index, pickle, pickle_index = library_weight_names(library)
+    for safetensors, single, index in ((True, safe, safe_index), (False, pickle, pickle_index)):
+        choice = None
+        if single in names or index in names:
+            choice = WeightsChoice(single if single in names else index, safetensors, None)
+        else:
+            variants = sorted(_variants(single, names) | _variants(index, names))
+            if len(variants) > 1:
+                raise ModelDirError(
+                    f"{where}/: weights in several variants ({', '.join(variants)}) and no "
+                    f"{single}; keep one"
+                )
+            if variants:
+                entry = with_variant(single, variants[0])
+                entry = entry if entry in names else with_variant(index, variants[0])
+                choice = WeightsChoice(entry, safetensors, variants[0])
+        if choice is None:
+            continue
+        if not safetensors and not allow_unsafe_pickle:
+            raise UnsafePickleError(
+                f"{where}/{choice.entry}: pickled checkpoint (loading a pickle can run code); "
+                "convert it to safetensors (`harmonize model assemble --allow-unsafe-pickle` "
+                "does), or allow pickles (--allow-unsafe-pickle, allow_unsafe_pickle) if you "
+                "trust it"
+            )
+        return choice
+    raise ModelDirError(f"{where}/: no weights (expected {safe} or {safe_index})")
+
+
+def shard_names(index_text: str) -> list[str]:
+    """The shard files a `*.index.json` names."""
+    return sorted(set(json.loads(index_text)["weight_map"].values()))
+
+
+def _unreadable_weights(folder: Path, label: str, choice: WeightsChoice) -> list[ModelDirError]:
+    """Missing shards and unreadable safetensors (a truncated download), each naming the file.
+
+    Opening a safetensors file parses its header, which checks that the data covers every
+    tensor; no tensor is read.
+    """
+    names = [choice.entry]
+    if choice.sharded:
+        try:
+            names = shard_names((folder / choice.entry).read_text())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return [ModelDirError(f"{label}/{choice.entry}: unreadable shard index ({error})")]
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            return [
+                ModelDirError(f"{label}/{name}: missing (listed in {choice.entry})")
+                for name in missing
+            ]
+    if not choice.safetensors:
+        return []
     from safetensors import safe_open
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in weight_files(folder, allow_unsafe_pickle=allow_unsafe_pickle):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            shapes.update({k: tuple(v.shape) for k, v in tensors.items()})
-    return shapes
+    problems = []
+    for name in names:
+        try:
+            with safe_open(str(folder / name), framework="pt"):
+                pass
+        except Exception as error:
+            problems.append(
+                ModelDirError(
+                    f"{label}/{name}: unreadable ({describe_error(error)}); truncated, or not a "
+                    "safetensors file"
+                )
+            )
+    return problems
 
 
-def _uses_pickle(folder: Path) -> bool:
-    """True when the folder's weights exist only as pickles (False when there are none at all)."""
-    try:
-        files = weight_files(folder, allow_unsafe_pickle=True)
-    except ModelDirError:
-        return False
-    return all(p.suffix != ".safetensors" for p in files)
+# --- loading each component, for the check and the run alike ------------------------------------
 
 
-# --- checks ------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
-    if not path.is_file():
-        problems.append(f"{path.parent.name}/: missing {path.name}")
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        problems.append(f"{path.parent.name}/{path.name}: unreadable ({error})")
-        return None
-    if not isinstance(config, dict):
-        problems.append(f"{path.parent.name}/{path.name}: not a JSON object")
-        return None
-    return config
+def describe_error(error: BaseException) -> str:
+    """An exception as one line: its root cause's message (the libraries wrap the reason, a
+    truncated archive or a refused pickle global, in a generic "unable to load")."""
+    while (cause := error.__cause__ or error.__context__) is not None:
+        error = cause
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _names(keys: list[str]) -> str:
@@ -168,47 +232,356 @@ def _names(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def _compare_weights(
-    name: str,
-    model: torch.nn.Module,
-    folder: Path,
-    allow_unsafe_pickle: bool,
-    ignore_unexpected: tuple[str, ...] = (),
-) -> list[str]:
-    """Missing/unexpected keys and shape mismatches of a folder's weights against `model`."""
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """The libraries' own load reports and progress bars off while loading: every problem they
+    report is reported here instead, one line each."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [
+        (module, module.get_verbosity(), module.is_progress_bar_enabled())
+        for module in (diffusers_logging, transformers_logging)
+    ]
+    for module, _, _ in saved:
+        module.set_verbosity_error()
+        module.disable_progress_bar()
     try:
-        found = rename_legacy_attention_keys(
-            weight_shapes(folder, allow_unsafe_pickle=allow_unsafe_pickle)
-        )
-    except ModelDirError as error:
-        return [f"{name}/: {error}"]
-    except Exception as error:  # a truncated or foreign file: report it, do not crash the check
-        return [f"{name}/: weights unreadable ({error})"]
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        yield
+    finally:
+        for module, verbosity, bars in saved:
+            module.set_verbosity(verbosity)
+            if bars:
+                module.enable_progress_bar()
+
+
+def _read_config(path: Path, label: str) -> tuple[dict[str, Any] | None, list[ModelDirError]]:
+    if not path.is_file():
+        return None, [ModelDirError(f"{label}/: missing {path.name}")]
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return None, [ModelDirError(f"{label}/{path.name}: unreadable ({error})")]
+    if not isinstance(config, dict):
+        return None, [ModelDirError(f"{label}/{path.name}: not a JSON object")]
+    return config, []
+
+
+def _loading_problems(label: str, info: dict[str, Any]) -> list[ModelDirError]:
+    """What `from_pretrained(output_loading_info=True)` reports, after the library's renaming."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
     problems = []
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(k for k in set(found) - set(expected) if not k.endswith(ignore_unexpected))
-    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
     if missing:
-        problems.append(f"{name}/: {len(missing)} missing weights: {_names(missing)}")
-    if unexpected:
-        problems.append(f"{name}/: {len(unexpected)} unexpected weights: {_names(unexpected)}")
-    for key in mismatched[:5]:
         problems.append(
-            f"{name}/: {key} has shape {found[key]}, the config expects {expected[key]}"
+            ModelDirError(f"{label}/: {len(missing)} missing weights: {_names(missing)}")
+        )
+    if unexpected:
+        problems.append(
+            ModelDirError(f"{label}/: {len(unexpected)} unexpected weights: {_names(unexpected)}")
+        )
+    for key, found, expected in mismatched[:5]:
+        problems.append(
+            ModelDirError(
+                f"{label}/: {key} has shape {tuple(found)} in the checkpoint, the config "
+                f"expects {tuple(expected)}"
+            )
         )
     if len(mismatched) > 5:
-        problems.append(f"{name}/: {len(mismatched) - 5} more shape mismatches")
+        problems.append(ModelDirError(f"{label}/: {len(mismatched) - 5} more shape mismatches"))
+    for message in info.get("error_msgs") or ():
+        problems.append(ModelDirError(f"{label}/: {describe_error(RuntimeError(message))}"))
     return problems
 
 
-def _build_on_meta(factory: Any, name: str, problems: list[str]) -> torch.nn.Module | None:
+def _load_pretrained(
+    model_class: Any,
+    folder: Path,
+    label: str,
+    library: str,
+    *,
+    dtype: torch.dtype,
+    allow_unsafe_pickle: bool,
+) -> tuple[Any | None, list[ModelDirError]]:
+    """One model through its library's `from_pretrained`, on the CPU; problems one line each.
+
+    The library resolves the files and renames weights saved by its older versions (CLIP's
+    `text_model.` prefix, diffusers' pre-0.14 attention names); whatever it then still cannot
+    place (a missing or surplus tensor, a wrong shape) is a problem. Pickles are read with
+    `torch.load(weights_only=True)` by both libraries.
+    """
+    if not folder.is_dir():
+        return None, [ModelDirError(f"{label}/: folder missing from {folder.parent}")]
+    config, problems = _read_config(folder / "config.json", label)
+    if config is None:
+        return None, problems
     try:
-        with torch.device("meta"):
-            return factory()
+        choice = choose_weights(
+            os.listdir(folder), library, label, allow_unsafe_pickle=allow_unsafe_pickle
+        )
+    except ModelDirError as error:
+        return None, [error]
+    problems = _unreadable_weights(folder, label, choice)
+    if problems:
+        return None, problems
+    options: dict[str, Any] = {
+        "use_safetensors": choice.safetensors,
+        "variant": choice.variant,
+        # Mismatches come back in the loading info (and are refused below) instead of raising.
+        "ignore_mismatched_sizes": True,
+        "output_loading_info": True,
+    }
+    if library == DIFFUSERS:
+        # With low_cpu_mem_usage diffusers raises at the first missing weight, without the list.
+        options.update(torch_dtype=dtype, low_cpu_mem_usage=False)
+    else:
+        options.update(dtype=dtype, weights_only=True)
+    try:
+        with _quiet_libraries():
+            model, info = model_class.from_pretrained(folder, **options)
     except Exception as error:
-        problems.append(f"{name}/config.json: cannot build the model ({error})")
-        return None
+        return None, [
+            ModelDirError(f"{label}/: cannot load {choice.entry} ({describe_error(error)})")
+        ]
+    problems = _loading_problems(label, info)
+    return (None if problems else model), problems
+
+
+def _load_tokenizer(root: Path) -> tuple[Any | None, list[ModelDirError]]:
+    from transformers import CLIPTokenizer
+
+    folder = root / TOKENIZER
+    if not folder.is_dir():
+        return None, [ModelDirError(f"{TOKENIZER}/: folder missing from {root}")]
+    # The files CLIPTokenizer declares: tokenizer.json alone, or vocab.json + merges.txt. Checked
+    # here because from_pretrained on a folder with neither quietly builds a 3-token vocabulary.
+    files = dict(CLIPTokenizer.vocab_files_names)
+    single = files.pop("tokenizer_file")
+    if not (folder / single).is_file() and not all((folder / f).is_file() for f in files.values()):
+        return None, [
+            ModelDirError(f"{TOKENIZER}/: needs {single}, or {' + '.join(files.values())}")
+        ]
+    try:
+        with _quiet_libraries():
+            return CLIPTokenizer.from_pretrained(folder), []
+    except Exception as error:
+        return None, [ModelDirError(f"{TOKENIZER}/: cannot load ({describe_error(error)})")]
+
+
+def encode_empty_prompt(tokenizer: Any, text_encoder: Any) -> torch.Tensor:
+    """CLIP text embedding of "" padded to the prompt length: (1, 77, D), as the official
+    pipeline computes it (no attention mask: the SD text encoder config has none)."""
+    # The official pipeline pads to tokenizer.model_max_length (77 for SD); a tokenizer folder
+    # with only tokenizer.json does not record it, so the text encoder's positions bound it.
+    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+    tokens = tokenizer(
+        "", padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        return text_encoder(tokens.input_ids.to(text_encoder.device))[0]  # (1, 77, D)
+
+
+def _text_side(
+    root: Path, *, device: torch.device, dtype: torch.dtype, allow_unsafe_pickle: bool
+) -> tuple[torch.Tensor | None, list[ModelDirError]]:
+    """The empty-prompt embedding: from ROOT/empty_prompt_embeds.safetensors, else from CLIP."""
+    from transformers import CLIPTextModel
+
+    path = root / EMPTY_PROMPT_EMBEDS
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as error:
+            return None, [
+                ModelDirError(f"{EMPTY_PROMPT_EMBEDS}: unreadable ({describe_error(error)})")
+            ]
+        embeds = tensors.get(EMPTY_PROMPT_KEY)
+        if embeds is None:
+            return None, [ModelDirError(f"{EMPTY_PROMPT_EMBEDS}: no {EMPTY_PROMPT_KEY!r} tensor")]
+        if embeds.ndim != 3 or embeds.shape[0] != 1:
+            return None, [
+                ModelDirError(
+                    f"{EMPTY_PROMPT_EMBEDS}: shape {tuple(embeds.shape)}, expected (1, 77, D)"
+                )
+            ]
+        return embeds.to(device=device, dtype=dtype), []
+
+    tokenizer, problems = _load_tokenizer(root)
+    text_encoder, more = _load_pretrained(
+        CLIPTextModel,
+        root / TEXT_ENCODER,
+        TEXT_ENCODER,
+        TRANSFORMERS,
+        dtype=dtype,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+    )
+    problems += more
+    if problems:
+        return None, problems
+    try:
+        embeds = encode_empty_prompt(tokenizer, text_encoder.to(device).eval())
+    except Exception as error:
+        return None, [
+            ModelDirError(
+                f"{TEXT_ENCODER}/: cannot encode the empty prompt ({describe_error(error)})"
+            )
+        ]
+    return embeds.to(dtype), []
+
+
+def _load_scheduler(root: Path) -> tuple[Any | None, list[ModelDirError]]:
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    if not (root / SCHEDULER).is_dir():
+        return None, [ModelDirError(f"{SCHEDULER}/: folder missing from {root}")]
+    config, problems = _read_config(root / SCHEDULER / "scheduler_config.json", SCHEDULER)
+    if config is None:
+        return None, problems
+    try:
+        # As the official script: the inpainting model's scheduler config, as Euler ancestral.
+        scheduler = EulerAncestralDiscreteScheduler.from_config(config)
+    except Exception as error:
+        return None, [
+            ModelDirError(f"{SCHEDULER}/scheduler_config.json: unusable ({describe_error(error)})")
+        ]
+    if scheduler.config.prediction_type != "epsilon":
+        return None, [
+            ModelDirError(
+                f"{SCHEDULER}/: prediction_type {scheduler.config.prediction_type!r}, "
+                "DiffHarmony's UNet predicts 'epsilon'"
+            )
+        ]
+    return scheduler, []
+
+
+def _load_vae(
+    root: Path, *, dtype: torch.dtype, allow_unsafe_pickle: bool
+) -> tuple[Any | None, list[ModelDirError]]:
+    from diffusers import AutoencoderKL
+
+    vae, problems = _load_pretrained(
+        AutoencoderKL,
+        root / VAE,
+        VAE,
+        DIFFUSERS,
+        dtype=dtype,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+    )
+    if vae is not None and vae.config.latent_channels != 4:
+        return None, [
+            ModelDirError(f"{VAE}/: latent_channels {vae.config.latent_channels}, expected 4")
+        ]
+    return vae, problems
+
+
+def _load_unet(
+    root: Path, *, dtype: torch.dtype, text_dim: int | None, allow_unsafe_pickle: bool
+) -> tuple[Any | None, list[ModelDirError]]:
+    from diffusers import UNet2DConditionModel
+
+    if (root / UNET).is_dir():
+        config, problems = _read_config(root / UNET / "config.json", UNET)
+        if config is None:
+            return None, problems
+        if config.get("in_channels") != UNET_IN_CHANNELS:
+            return None, [
+                ModelDirError(
+                    f"{UNET}/: in_channels is {config.get('in_channels')}, the DiffHarmony UNet "
+                    f"has {UNET_IN_CHANNELS} (4 latent + 1 mask + 4 composite latent); is this a "
+                    "text-to-image UNet?"
+                )
+            ]
+        if text_dim is not None and config.get("cross_attention_dim") != text_dim:
+            return None, [
+                ModelDirError(
+                    f"{UNET}/: cross_attention_dim {config.get('cross_attention_dim')} does not "
+                    f"match the text embedding size {text_dim}"
+                )
+            ]
+    return _load_pretrained(
+        UNet2DConditionModel,
+        root / UNET,
+        UNET,
+        DIFFUSERS,
+        dtype=dtype,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+    )
+
+
+def _load_refiner(
+    root: Path, *, dtype: torch.dtype, allow_unsafe_pickle: bool
+) -> tuple[Any | None, list[ModelDirError]]:
+    if (root / REFINER).is_dir():
+        config, problems = _read_config(root / REFINER / "config.json", REFINER)
+        if config is None:
+            return None, problems
+        # Keys the official class does not take mean another model (a UNet2DModel has
+        # time-embedding keys, for one); diffusers would drop them with a warning.
+        _, unused, _ = RefinerUNet.extract_init_dict(config)
+        unknown = sorted(k for k in unused if not k.startswith("_"))
+        if unknown:
+            return None, [
+                ModelDirError(
+                    f"{REFINER}/config.json: {', '.join(unknown)}: not arguments of the official "
+                    f"{OFFICIAL_CLASS_NAME}"
+                )
+            ]
+        try:
+            with torch.device("meta"), _quiet_libraries():
+                RefinerUNet.from_config(config)
+        except (TypeError, ValueError) as error:
+            return None, [ModelDirError(f"{REFINER}/config.json: {error}")]
+    return _load_pretrained(
+        RefinerUNet,
+        root / REFINER,
+        REFINER,
+        DIFFUSERS,
+        dtype=dtype,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+    )
+
+
+def _load_all(
+    root: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_refiner: bool,
+    allow_unsafe_pickle: bool,
+    keep: bool,
+) -> tuple[dict[str, Any], list[ModelDirError]]:
+    """Every component the run needs, loaded one after the other, and every problem found.
+
+    With keep=False each model is dropped as soon as it is judged (the check's memory is one
+    component's, not the whole model's).
+    """
+    loaded: dict[str, Any] = {}
+    problems: list[ModelDirError] = []
+
+    def take(name: str, result: tuple[Any | None, list[ModelDirError]]) -> Any | None:
+        component, found = result
+        problems.extend(found)
+        if keep and component is not None:
+            loaded[name] = component
+        return component
+
+    embeds = take(
+        EMPTY_PROMPT_EMBEDS,
+        _text_side(root, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle),
+    )
+    text_dim = int(embeds.shape[-1]) if embeds is not None else None
+    take(SCHEDULER, _load_scheduler(root))
+    take(VAE, _load_vae(root, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle))
+    take(
+        UNET,
+        _load_unet(root, dtype=dtype, text_dim=text_dim, allow_unsafe_pickle=allow_unsafe_pickle),
+    )
+    if load_refiner:
+        take(REFINER, _load_refiner(root, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle))
+    return loaded, problems
 
 
 def check_model_dir(
@@ -219,14 +592,12 @@ def check_model_dir(
     cache_dir: str | Path | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Human-readable problems with a model directory; an empty list means usable.
+    """Human-readable problems with a model directory, one line each; empty means usable.
 
-    Reads configs and safetensors headers only (models are built on the meta device), so it is
-    cheap even for the full-size checkpoints. A URI is first copied to the node cache.
+    Judges the folder exactly as `load_components` loads it: each component through its
+    library's `from_pretrained` (on the CPU, one at a time, then dropped), the empty prompt
+    encoded. A URI is first copied to the node cache.
     """
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if is_remote(str(path)):
         try:
             path = resolve_model_dir(
@@ -237,118 +608,15 @@ def check_model_dir(
     root = Path(path)
     if not root.is_dir():
         return [f"{root}: model directory not found"]
-    problems: list[str] = []
-    required = [SCHEDULER, VAE, UNET] + ([REFINER] if require_refiner else [])
-    embeds_file = root / EMPTY_PROMPT_EMBEDS
-    if not embeds_file.is_file():
-        required[:0] = [TOKENIZER, TEXT_ENCODER]
-    for name in required:
-        if not (root / name).is_dir():
-            problems.append(f"{name}/: folder missing from {root}")
-
-    # Text side: the hidden size the UNet's cross-attention must match.
-    text_dim: int | None = None
-    if embeds_file.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(embeds_file), framework="pt") as handle:
-                shape = tuple(handle.get_slice(EMPTY_PROMPT_KEY).get_shape())
-            if len(shape) != 3 or shape[0] != 1:
-                problems.append(f"{EMPTY_PROMPT_EMBEDS}: shape {shape}, expected (1, 77, D)")
-            else:
-                text_dim = shape[2]
-        except Exception as error:
-            problems.append(f"{EMPTY_PROMPT_EMBEDS}: unreadable ({error})")
-    else:
-        tokenizer_dir = root / TOKENIZER
-        if tokenizer_dir.is_dir() and not (
-            (tokenizer_dir / "tokenizer.json").is_file()
-            or (
-                (tokenizer_dir / "vocab.json").is_file()
-                and (tokenizer_dir / "merges.txt").is_file()
-            )
-        ):
-            problems.append(f"{TOKENIZER}/: needs vocab.json + merges.txt (or tokenizer.json)")
-        if (root / TEXT_ENCODER).is_dir():
-            config = _read_json(root / TEXT_ENCODER / "config.json", problems)
-            if config is not None:
-                text_dim = config.get("hidden_size")
-                model = _build_on_meta(
-                    lambda: CLIPTextModel(CLIPTextConfig.from_dict(config)), TEXT_ENCODER, problems
-                )
-                if model is not None:
-                    problems += _compare_weights(
-                        TEXT_ENCODER,
-                        model,
-                        root / TEXT_ENCODER,
-                        allow_unsafe_pickle,
-                        ignore_unexpected=("position_ids",),
-                    )
-
-    if (root / SCHEDULER).is_dir():
-        config = _read_json(root / SCHEDULER / "scheduler_config.json", problems)
-        if config is not None:
-            try:
-                scheduler = EulerAncestralDiscreteScheduler.from_config(config)
-                if scheduler.config.prediction_type != "epsilon":
-                    problems.append(
-                        f"{SCHEDULER}/: prediction_type {scheduler.config.prediction_type!r}, "
-                        "DiffHarmony's UNet predicts 'epsilon'"
-                    )
-            except Exception as error:
-                problems.append(f"{SCHEDULER}/scheduler_config.json: unusable ({error})")
-
-    if (root / VAE).is_dir():
-        config = _read_json(root / VAE / "config.json", problems)
-        if config is not None:
-            model = _build_on_meta(lambda: AutoencoderKL.from_config(config), VAE, problems)
-            if model is not None:
-                problems += _compare_weights(VAE, model, root / VAE, allow_unsafe_pickle)
-                if model.config.latent_channels != 4:
-                    problems.append(
-                        f"{VAE}/: latent_channels {model.config.latent_channels}, expected 4"
-                    )
-
-    if (root / UNET).is_dir():
-        config = _read_json(root / UNET / "config.json", problems)
-        if config is not None:
-            if config.get("in_channels") != UNET_IN_CHANNELS:
-                problems.append(
-                    f"{UNET}/: in_channels is {config.get('in_channels')}, the DiffHarmony UNet "
-                    f"has {UNET_IN_CHANNELS} (4 latent + 1 mask + 4 composite latent); is this a "
-                    "text-to-image UNet?"
-                )
-            elif text_dim is not None and config.get("cross_attention_dim") != text_dim:
-                problems.append(
-                    f"{UNET}/: cross_attention_dim {config.get('cross_attention_dim')} does not "
-                    f"match the text embedding size {text_dim}"
-                )
-            else:
-                model = _build_on_meta(
-                    lambda: UNet2DConditionModel.from_config(config), UNET, problems
-                )
-                if model is not None:
-                    problems += _compare_weights(UNET, model, root / UNET, allow_unsafe_pickle)
-
-    if require_refiner and (root / REFINER).is_dir():
-        config = _read_json(root / REFINER / "config.json", problems)
-        if config is not None:
-            try:
-                refiner_config = RefinerConfig.from_dict(config)
-                refiner_config.validate()
-            except (TypeError, ValueError) as error:
-                problems.append(
-                    f"{REFINER}/config.json: {error} (in_channels must be one of "
-                    f"{SUPPORTED_IN_CHANNELS})"
-                )
-            else:
-                model = _build_on_meta(lambda: RefinerUNet(refiner_config), REFINER, problems)
-                if model is not None:
-                    problems += _compare_weights(
-                        REFINER, model, root / REFINER, allow_unsafe_pickle
-                    )
-    return problems
+    _, problems = _load_all(
+        root,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        load_refiner=require_refiner,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+        keep=False,
+    )
+    return [str(problem) for problem in problems]
 
 
 # --- remote copies -----------------------------------------------------------------------------
@@ -420,7 +688,7 @@ def _node_lock(lock_file: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remote_listing(fs: Any, remote_root: str) -> dict[str, int]:
+def list_tree(fs: Any, remote_root: str) -> dict[str, int]:
     """Relative path -> size of every file under the remote directory."""
     remote_root = remote_root.rstrip("/")
     listing = {}
@@ -492,7 +760,7 @@ def resolve_model_dir(
     with _node_lock(local.parent / f"{local.name}.lock"):
         fs, remote_root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         try:
-            listing: dict[str, int] | None = _remote_listing(fs, remote_root)
+            listing: dict[str, int] | None = list_tree(fs, remote_root)
         except Exception as error:
             if not local.is_dir():
                 raise ModelDirError(f"{uri}: cannot list the model directory ({error})") from error
@@ -525,42 +793,44 @@ def resolve_model_dir(
 
 
 def compute_empty_prompt_embeds(
-    root: Path, *, device: torch.device, dtype: torch.dtype
+    root: Path, *, device: torch.device, dtype: torch.dtype, allow_unsafe_pickle: bool = False
 ) -> torch.Tensor:
-    """CLIP text embedding of "" padded to max_length (77): (1, 77, D), as the official pipeline."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """The empty prompt's CLIP embedding from ROOT's tokenizer/ and text_encoder/: (1, 77, D)."""
+    from transformers import CLIPTextModel
 
-    tokenizer = CLIPTokenizer.from_pretrained(root / TOKENIZER)
-    text_encoder = CLIPTextModel.from_pretrained(root / TEXT_ENCODER, dtype=dtype)
-    text_encoder = text_encoder.to(device).eval()
-    tokens = tokenizer(
-        "",
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
+    tokenizer, problems = _load_tokenizer(root)
+    text_encoder, more = _load_pretrained(
+        CLIPTextModel,
+        root / TEXT_ENCODER,
+        TEXT_ENCODER,
+        TRANSFORMERS,
+        dtype=dtype,
+        allow_unsafe_pickle=allow_unsafe_pickle,
     )
-    with torch.inference_mode():
-        # No attention mask: the SD text encoder config has no use_attention_mask.
-        embeds = text_encoder(tokens.input_ids.to(device))[0]  # (1, 77, D)
-    return embeds.to(dtype)
+    problems += more
+    if problems:
+        raise ModelDirError("; ".join(map(str, problems)))
+    return encode_empty_prompt(tokenizer, text_encoder.to(device).eval()).to(dtype)
 
 
 def load_empty_prompt_embeds(
     root: Path, *, device: torch.device, dtype: torch.dtype, allow_unsafe_pickle: bool = False
 ) -> torch.Tensor:
     """From `ROOT/empty_prompt_embeds.safetensors` when present, else computed with CLIP once."""
-    path = root / EMPTY_PROMPT_EMBEDS
-    if path.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(path))[EMPTY_PROMPT_KEY].to(device=device, dtype=dtype)
-    weight_files(root / TEXT_ENCODER, allow_unsafe_pickle=allow_unsafe_pickle)  # refuses pickles
-    return compute_empty_prompt_embeds(root, device=device, dtype=dtype)
+    embeds, problems = _text_side(
+        root, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle
+    )
+    if embeds is None:
+        raise ModelDirError("; ".join(map(str, problems)))
+    return embeds
 
 
 def save_empty_prompt_embeds(
-    root: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    root: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_unsafe_pickle: bool = False,
 ) -> Path:
     """Precompute the empty-prompt embedding into ROOT so actors need not load CLIP.
 
@@ -569,7 +839,9 @@ def save_empty_prompt_embeds(
     """
     from safetensors.torch import save_file
 
-    embeds = compute_empty_prompt_embeds(root, device=torch.device(device), dtype=dtype)
+    embeds = compute_empty_prompt_embeds(
+        root, device=torch.device(device), dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle
+    )
     path = root / EMPTY_PROMPT_EMBEDS
     save_file({EMPTY_PROMPT_KEY: embeds.cpu().contiguous()}, str(path))
     return path
@@ -599,55 +871,37 @@ def load_components(
     cache_dir: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> DiffHarmonyComponents:
-    """Resolve, check and load a model directory; raises ModelDirError listing every problem."""
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    """Resolve and load a model directory; raises ModelDirError listing every problem (the same
+    lines `check_model_dir` gives), UnsafePickleError when a pickle was among them."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     root = resolve_model_dir(model_dir, cache_dir=cache_dir, storage_options=storage_options)
-    if not allow_unsafe_pickle:
-        needed = [UNET, VAE] + ([REFINER] if load_refiner else [])
-        if not (root / EMPTY_PROMPT_EMBEDS).is_file():
-            needed.append(TEXT_ENCODER)
-        for name in needed:
-            if (root / name).is_dir() and _uses_pickle(root / name):
-                weight_files(root / name)  # raises UnsafePickleError naming the file
-    problems = check_model_dir(root, allow_unsafe_pickle, require_refiner=load_refiner)
+    loaded, problems = _load_all(
+        root,
+        device=device,
+        dtype=dtype,
+        load_refiner=load_refiner,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+        keep=True,
+    )
     if problems:
-        raise ModelDirError(
-            f"model directory {model_dir} is not usable:\n  " + "\n  ".join(problems)
+        error = (
+            UnsafePickleError
+            if any(isinstance(p, UnsafePickleError) for p in problems)
+            else ModelDirError
         )
-
-    def use_safetensors(folder: Path) -> bool:
-        return not _uses_pickle(folder)
-
-    # Without accelerate diffusers cannot use low_cpu_mem_usage (and warns); ask only if present.
-    low_cpu_mem_usage = importlib.util.find_spec("accelerate") is not None
-    unet = UNet2DConditionModel.from_pretrained(
-        root / UNET,
-        torch_dtype=dtype,
-        use_safetensors=use_safetensors(root / UNET),
-        low_cpu_mem_usage=low_cpu_mem_usage,
-    )
-    vae = AutoencoderKL.from_pretrained(
-        root / VAE,
-        torch_dtype=dtype,
-        use_safetensors=use_safetensors(root / VAE),
-        low_cpu_mem_usage=low_cpu_mem_usage,
-    )
+        raise error(
+            f"model directory {model_dir} is not usable:\n  " + "\n  ".join(map(str, problems))
+        )
+    unet, vae, refiner = loaded[UNET], loaded[VAE], loaded.get(REFINER)
     for model in (unet, vae):
         # PyTorch SDPA everywhere (the official script used xformers; same maths).
         model.set_attn_processor(AttnProcessor2_0())
-        model.to(device).eval().requires_grad_(False)
-    scheduler_config = EulerAncestralDiscreteScheduler.load_config(root / SCHEDULER)
-    scheduler = EulerAncestralDiscreteScheduler.from_config(scheduler_config)
-    refiner = None
-    if load_refiner:
-        refiner = RefinerUNet.from_pretrained(
-            root / REFINER, allow_unsafe_pickle=allow_unsafe_pickle, device=device, dtype=dtype
-        )
-    embeds = load_empty_prompt_embeds(
-        root, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle
-    )
+    for model in (unet, vae, refiner):
+        if model is not None:
+            # Already in `dtype`: from_pretrained built it so (a diffusers .to(dtype) warns).
+            model.to(device).eval().requires_grad_(False)
+    scheduler = loaded[SCHEDULER]
 
     checksums = (
         {rel: entry["sha256"] for rel, entry in read_manifest(root).items()}
@@ -665,14 +919,14 @@ def load_components(
         SCHEDULER: public(scheduler.config),
     }
     if refiner is not None:
-        configs[REFINER] = public(refiner.config.to_dict())
+        configs[REFINER] = public(refiner.config)
     return DiffHarmonyComponents(
         root=root,
         unet=unet,
         vae=vae,
         scheduler=scheduler,
         refiner=refiner,
-        empty_prompt_embeds=embeds,
+        empty_prompt_embeds=loaded[EMPTY_PROMPT_EMBEDS],
         checksums=checksums,
         configs=configs,
     )

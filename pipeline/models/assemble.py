@@ -1,0 +1,544 @@
+"""`harmonize model assemble`: the DiffHarmony model directory, built from what users download.
+
+Enters: three downloads, as local paths or fsspec URIs (s3://, gs://, file://, ...):
+- `inpainting`: a Stable Diffusion inpainting folder; its tokenizer/, text_encoder/ and
+  scheduler/ are taken (its own unet/ and vae/ are not);
+- `vae`: the sd-vae-ft-mse folder (config.json + weights);
+- `diffharmony`: the extracted DiffHarmony release, searched at any depth: the stage-1 UNet is the
+  folder whose config.json says UNet2DConditionModel with in_channels 9, the refiner the one that
+  says UNet2DCustom (`unet` / `refiner` name a folder instead, when the release holds several);
+  a DiffHarmony++ ConditionVAE folder is recognised and reported, not used;
+and `out`, where the model directory goes (absent or empty).
+Leaves: at `out`, the layout `pipeline.models.loading` reads, with safetensors only (pickles
+converted tensor for tensor, only when allowed), `empty_prompt_embeds.safetensors`, and
+MODEL_CARD.md (sources, sha256 of every file, licence note), judged by `check_model_dir` before
+it is published; an `AssembleReport` saying what was taken from where. Any problem raises
+`AssembleError` listing them all (an ambiguity with its candidates), and nothing is published.
+
+Only the files the loader will read are copied: of a component folder, config.json and the
+weights `choose_weights` picks (a download may hold fp32, fp16 and pickled copies side by side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.models.loading import (
+    DIFFUSERS,
+    EMPTY_PROMPT_EMBEDS,
+    REFINER,
+    SCHEDULER,
+    TEXT_ENCODER,
+    TOKENIZER,
+    TRANSFORMERS,
+    UNET,
+    UNET_IN_CHANNELS,
+    VAE,
+    ModelDirError,
+    WeightsChoice,
+    check_model_dir,
+    choose_weights,
+    describe_error,
+    file_checksums,
+    library_weight_names,
+    list_tree,
+    save_empty_prompt_embeds,
+    shard_names,
+    with_variant,
+)
+from pipeline.models.refiner import OFFICIAL_CLASS_NAME
+from pipeline.storage import filesystem, join
+
+MODEL_CARD = "MODEL_CARD.md"
+STAGE1_CLASS_NAME = "UNet2DConditionModel"
+# DiffHarmony++'s Harmony-VAE (`src/models/condition_vae.py` of the official repository).
+CONDITION_VAE_CLASS_NAME = "ConditionVAE"
+LICENCE_NOTE = (
+    "The DiffHarmony weights are published by their authors (Zhou, Feng, Wang: DiffHarmony: "
+    "Latent Diffusion Model Meets Image Harmonization, ICMR 2024; github.com/nicecv/DiffHarmony). "
+    "The official repository carries no licence file: the weights come under their authors' "
+    "terms, and whoever uses this folder is responsible for respecting them. Stable Diffusion "
+    "inpainting (CreativeML OpenRAIL-M) and sd-vae-ft-mse come under their own licences."
+)
+
+
+EMBEDS_SOURCE = "the empty prompt's CLIP embedding, from tokenizer/ + text_encoder/ on CPU in fp32"
+
+
+class AssembleError(ValueError):
+    """The downloads cannot be assembled as given; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One folder of the model directory and the download folder it comes from."""
+
+    name: str  # tokenizer, text_encoder, scheduler, vae, unet, refiner
+    source: str  # URI of the source folder
+    files: tuple[str, ...]  # what is taken from it
+    weights: WeightsChoice | None = None
+
+    @property
+    def converts(self) -> bool:
+        return self.weights is not None and not self.weights.safetensors
+
+
+@dataclass
+class AssembleReport:
+    """What `assemble` took from where, and what it wrote."""
+
+    out: str
+    parts: list[Part]
+    written: dict[str, list[str]]  # folder -> the files written into it
+    notes: list[str] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+
+    def lines(self) -> list[str]:
+        lines = []
+        for part in self.parts:
+            taken = ", ".join(part.files)
+            if part.converts:
+                taken += " -> " + ", ".join(self.written[part.name]) + " (converted)"
+            lines.append(f"{part.name + '/':<14} <- {part.source}: {taken}")
+        lines.append(f"{EMPTY_PROMPT_EMBEDS}: {EMBEDS_SOURCE}")
+        lines += [f"note: {note}" for note in self.notes]
+        return lines
+
+
+class _Tree:
+    """A download as fsspec sees it: its files by path relative to its root."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any], what: str) -> None:
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = filesystem(self.uri, storage_options)
+        try:
+            self.files = list_tree(self.fs, self.root)
+        except Exception as error:
+            raise AssembleError(f"{what} {uri}: cannot list it ({error})") from error
+        if not self.files:
+            raise AssembleError(f"{what} {uri}: no files there")
+
+    def path(self, rel: str) -> str:
+        return join(self.root, rel) if rel else self.root
+
+    def uri_of(self, rel: str) -> str:
+        return join(self.uri, rel) if rel else self.uri
+
+    def names_in(self, folder: str) -> set[str]:
+        prefix = f"{folder}/" if folder else ""
+        return {
+            rel[len(prefix) :]
+            for rel in self.files
+            if rel.startswith(prefix) and "/" not in rel[len(prefix) :]
+        }
+
+    def read_json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.fs.cat_file(self.path(rel)))
+        except (OSError, ValueError) as error:
+            raise AssembleError(f"{self.uri_of(rel)}: unreadable ({error})") from error
+
+    def get(self, rel: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get_file(self.path(rel), str(local))
+
+
+def _weights_part(
+    tree: _Tree, folder: str, name: str, library: str, allow_unsafe_pickle: bool
+) -> Part:
+    """config.json and the weights the loader would pick, of one component folder."""
+    names = tree.names_in(folder)
+    where = tree.uri_of(folder)
+    if "config.json" not in names:
+        raise AssembleError(f"{where}: no config.json (expected the {name} folder)")
+    try:
+        choice = choose_weights(names, library, where, allow_unsafe_pickle=allow_unsafe_pickle)
+    except ModelDirError as error:
+        raise AssembleError(str(error)) from error
+    files = [choice.entry]
+    if choice.sharded:
+        index = tree.read_json(posixpath.join(folder, choice.entry))
+        try:
+            files += shard_names(json.dumps(index))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise AssembleError(f"{where}/{choice.entry}: not a shard index ({error})") from error
+    return Part(name, where, ("config.json", *files), choice)
+
+
+def _inpainting_parts(tree: _Tree, allow_unsafe_pickle: bool) -> list[Part]:
+    tokenizer = sorted(tree.names_in(TOKENIZER))
+    if not tokenizer:
+        raise AssembleError(
+            f"--inpainting {tree.uri}: no {TOKENIZER}/ (expected a Stable Diffusion inpainting "
+            "folder: tokenizer/, text_encoder/, scheduler/)"
+        )
+    if "scheduler_config.json" not in tree.names_in(SCHEDULER):
+        raise AssembleError(f"--inpainting {tree.uri}: no {SCHEDULER}/scheduler_config.json")
+    return [
+        Part(TOKENIZER, tree.uri_of(TOKENIZER), tuple(tokenizer)),
+        _weights_part(tree, TEXT_ENCODER, TEXT_ENCODER, TRANSFORMERS, allow_unsafe_pickle),
+        Part(SCHEDULER, tree.uri_of(SCHEDULER), ("scheduler_config.json",)),
+    ]
+
+
+@dataclass(frozen=True)
+class _Config:
+    folder: str  # relative to the release's root
+    class_name: Any
+    in_channels: Any
+
+    def describe(self) -> str:
+        return f"{self.folder or '.'} ({self.class_name}, in_channels {self.in_channels})"
+
+
+def _survey(tree: _Tree) -> list[_Config]:
+    """Every model folder of the release: those with a readable config.json."""
+    found = []
+    for rel in sorted(tree.files):
+        if posixpath.basename(rel) != "config.json":
+            continue
+        try:
+            config = tree.read_json(rel)
+        except AssembleError:  # not a model folder's config; the search goes on
+            continue
+        if isinstance(config, dict):
+            found.append(
+                _Config(
+                    posixpath.dirname(rel), config.get("_class_name"), config.get("in_channels")
+                )
+            )
+    return found
+
+
+def _pick(configs: list[_Config], wanted: str, what: str, option: str, uri: str) -> _Config:
+    """The one folder that is `what`, or an error listing the candidates."""
+    if len(configs) == 1:
+        return configs[0]
+    if not configs:
+        raise AssembleError(
+            f"--diffharmony {uri}: no {what} ({wanted}); name its folder with {option}"
+        )
+    candidates = ", ".join(c.describe() for c in configs)
+    raise AssembleError(
+        f"--diffharmony {uri}: {len(configs)} candidates for the {what} ({wanted}): {candidates}; "
+        f"choose one with {option} URI"
+    )
+
+
+def _release_parts(
+    release: _Tree | None,
+    unet: _Tree | None,
+    refiner: _Tree | None,
+    allow_unsafe_pickle: bool,
+) -> tuple[list[Part], list[str]]:
+    """The stage-1 UNet and the refiner: named, or found in the release; plus notes."""
+    notes: list[str] = []
+    configs = _survey(release) if release is not None else []
+    parts: list[Part] = []
+    problems: list[str] = []
+    searches = (
+        (
+            UNET,
+            unet,
+            "--unet",
+            "stage-1 UNet",
+            f"a config.json saying {STAGE1_CLASS_NAME} with in_channels {UNET_IN_CHANNELS}",
+            [
+                c
+                for c in configs
+                if c.class_name == STAGE1_CLASS_NAME and c.in_channels == UNET_IN_CHANNELS
+            ],
+        ),
+        (
+            REFINER,
+            refiner,
+            "--refiner",
+            "refiner",
+            f"a config.json saying {OFFICIAL_CLASS_NAME}",
+            [c for c in configs if c.class_name == OFFICIAL_CLASS_NAME],
+        ),
+    )
+    for name, named, option, what, wanted, candidates in searches:
+        try:
+            if named is not None:
+                parts.append(_weights_part(named, "", name, DIFFUSERS, allow_unsafe_pickle))
+            elif release is None:
+                problems.append(f"no --diffharmony: name the {what} with {option}")
+            else:
+                found = _pick(candidates, wanted, what, option, release.uri)
+                parts.append(
+                    _weights_part(release, found.folder, name, DIFFUSERS, allow_unsafe_pickle)
+                )
+        except AssembleError as error:
+            problems.append(str(error))
+    if release is not None:
+        for config in configs:
+            if config.class_name == CONDITION_VAE_CLASS_NAME:
+                notes.append(
+                    f"{release.uri_of(config.folder)}: a {CONDITION_VAE_CLASS_NAME} (DiffHarmony++ "
+                    "Harmony-VAE), not used: this pipeline decodes with --vae's AutoencoderKL"
+                )
+    if problems:
+        raise AssembleError("\n".join(problems))
+    return parts, notes
+
+
+def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as safetensors stores them: each contiguous in a storage of its own.
+
+    Pickles may hold views (transformers 4.x stored CLIP's `position_ids` as an expanded arange)
+    and tensors sharing one storage, which safetensors refuses; those are copied.
+    """
+    seen: set[int] = set()
+    result = {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        whole = (
+            tensor.is_contiguous()
+            and tensor.storage_offset() == 0
+            and storage.nbytes() == tensor.numel() * tensor.element_size()
+        )
+        result[key] = tensor if whole and storage.data_ptr() not in seen else tensor.clone()
+        seen.add(storage.data_ptr())
+    return result
+
+
+def _convert_pickles(tree_fs: Any, part: Part, source_root: str, folder: Path) -> list[str]:
+    """A pickled component's weights as safetensors under the library's names, tensor for
+    tensor, read with torch.load(weights_only=True); returns the files written."""
+    from safetensors.torch import save_file
+
+    assert part.weights is not None
+    library = TRANSFORMERS if part.name == TEXT_ENCODER else DIFFUSERS
+    safe, safe_index, _, _ = library_weight_names(library)
+    variant = part.weights.variant
+    pickles = folder / ".pickles"
+
+    def convert(name: str, target: str) -> None:
+        local = pickles / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tree_fs.get_file(join(source_root, name), str(local))
+        try:
+            tensors = torch.load(local, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise AssembleError(
+                f"{part.source}/{name}: cannot read the pickle ({describe_error(error)})"
+            ) from error
+        save_file(_for_safetensors(tensors), str(folder / target), metadata={"format": "pt"})
+        local.unlink()
+
+    try:
+        if not part.weights.sharded:
+            target = with_variant(safe, variant)
+            convert(part.weights.entry, target)
+            return [target]
+        index = json.loads(tree_fs.cat_file(join(source_root, part.weights.entry)))
+        renamed = {
+            shard: shard.removesuffix(".bin") + ".safetensors"
+            for shard in shard_names(json.dumps(index))
+        }
+        for shard, target in renamed.items():
+            convert(shard, target)
+        index["weight_map"] = {key: renamed[shard] for key, shard in index["weight_map"].items()}
+        index_name = with_variant(safe_index, variant)
+        (folder / index_name).write_text(json.dumps(index, indent=2))
+        return [index_name, *renamed.values()]
+    finally:
+        shutil.rmtree(pickles, ignore_errors=True)
+
+
+def _model_card(report: AssembleReport) -> str:
+    rows = "\n".join(
+        f"| `{part.name}/` | `{part.source}` | "
+        + ", ".join(f"`{f}`" for f in part.files)
+        + (
+            " (pickles, converted to "
+            + ", ".join(f"`{f}`" for f in report.written[part.name])
+            + ")"
+            if part.converts
+            else ""
+        )
+        + " |"
+        for part in report.parts
+    )
+    files = "\n".join(
+        f"| `{rel}` | `{digest}` |" for rel, digest in sorted(report.checksums.items())
+    )
+    notes = "".join(f"- {note}\n" for note in report.notes)
+    return f"""# DiffHarmony model directory
+
+Assembled by `harmonize model assemble` for `harmonize run --model diffharmony --model-dir`.
+Stage 1: the DiffHarmony UNet (`unet/`, 9 input channels) with the Stable Diffusion inpainting
+tokenizer, text encoder and scheduler config and the `sd-vae-ft-mse` VAE; stage 2: the
+refinement UNet (`refiner/`). Layout and use: docs/models.md of the harmonize pipeline.
+
+## Sources
+
+| folder | taken from | files |
+| --- | --- | --- |
+{rows}
+| `{EMPTY_PROMPT_EMBEDS}` | computed | {EMBEDS_SOURCE} |
+
+{notes}
+## Files
+
+| file | sha256 |
+| --- | --- |
+{files}
+
+## Licence
+
+{LICENCE_NOTE}
+"""
+
+
+def _check_out_is_free(out: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    fs, path = filesystem(out, storage_options)
+    if fs.exists(path) and (not fs.isdir(path) or list_tree(fs, path)):
+        raise AssembleError(f"--out {out}: already holds files; give an empty or new location")
+    return fs, path
+
+
+def assemble(
+    *,
+    inpainting: str,
+    vae: str,
+    out: str,
+    diffharmony: str | None = None,
+    unet: str | None = None,
+    refiner: str | None = None,
+    allow_unsafe_pickle: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> AssembleReport:
+    """Build the model directory at `out` from the downloads; see the module docstring."""
+    options = storage_options or {}
+    out_fs, out_path = _check_out_is_free(out, options)
+    problems: list[str] = []
+    parts: list[Part] = []
+    notes: list[str] = []
+
+    def gather(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except AssembleError as error:
+            problems.append(str(error))
+
+    def text_side() -> None:
+        parts.extend(
+            _inpainting_parts(_Tree(inpainting, options, "--inpainting"), allow_unsafe_pickle)
+        )
+
+    def vae_part() -> None:
+        tree = _Tree(vae, options, "--vae")
+        config = tree.read_json("config.json") if "config.json" in tree.files else {}
+        if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
+            raise AssembleError(
+                f"--vae {vae}: config.json says {config.get('_class_name')!r}, expected "
+                "'AutoencoderKL' (the sd-vae-ft-mse folder)"
+            )
+        parts.append(_weights_part(tree, "", VAE, DIFFUSERS, allow_unsafe_pickle))
+
+    def release_parts() -> None:
+        trees = [
+            _Tree(uri, options, option) if uri else None
+            for uri, option in (
+                (diffharmony, "--diffharmony"),
+                (unet, "--unet"),
+                (refiner, "--refiner"),
+            )
+        ]
+        found, found_notes = _release_parts(*trees, allow_unsafe_pickle=allow_unsafe_pickle)
+        parts.extend(found)
+        notes.extend(found_notes)
+
+    for step in (text_side, vae_part, release_parts):
+        gather(step)
+    if problems:
+        raise AssembleError("\n".join(problems))
+    order = [TOKENIZER, TEXT_ENCODER, SCHEDULER, VAE, UNET, REFINER]
+    parts.sort(key=lambda part: order.index(part.name))
+
+    local_out = isinstance(out_fs, LocalFileSystem)
+    if local_out:
+        target = Path(out_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.assemble-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    else:
+        staging = Path(tempfile.mkdtemp(prefix="harmonize-assemble-"))
+    try:
+        report = _stage(parts, notes, staging, out, options, allow_unsafe_pickle)
+        if local_out:
+            if target.is_dir():
+                target.rmdir()  # empty, as checked above
+            os.rename(staging, target)
+        else:
+            _upload(staging, out_fs, out_path, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _stage(
+    parts: list[Part],
+    notes: list[str],
+    staging: Path,
+    out: str,
+    options: dict[str, Any],
+    allow_unsafe_pickle: bool,
+) -> AssembleReport:
+    """Copy and convert into `staging`, precompute the prompt, check, write the model card."""
+    written: dict[str, list[str]] = {}
+    for part in parts:
+        fs, root = filesystem(part.source, options)
+        folder = staging / part.name
+        folder.mkdir()
+        try:
+            if part.converts:
+                fs.get_file(join(root, "config.json"), str(folder / "config.json"))
+                written[part.name] = _convert_pickles(fs, part, root, folder)
+                continue
+            for name in part.files:
+                fs.get_file(join(root, name), str(folder / name))
+        except OSError as error:
+            raise AssembleError(f"{part.source}: cannot copy ({describe_error(error)})") from error
+        written[part.name] = list(part.files)
+    save_empty_prompt_embeds(staging)
+    problems = check_model_dir(staging)
+    if problems:
+        raise AssembleError(
+            "the assembled folder fails the check, nothing was written to "
+            f"{out}:\n  " + "\n  ".join(problems)
+        )
+    report = AssembleReport(
+        out=out, parts=parts, written=written, notes=notes, checksums=file_checksums(staging)
+    )
+    (staging / MODEL_CARD).write_text(_model_card(report))
+    return report
+
+
+def _upload(staging: Path, fs: Any, out_path: str, out: str) -> None:
+    """Every file to the remote location, the model card last (a folder without it is an
+    interrupted upload), then the remote listing compared with what was sent."""
+    files = sorted(
+        (p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()),
+        key=lambda rel: (rel == MODEL_CARD, rel),
+    )
+    for rel in files:
+        fs.put_file(str(staging / rel), join(out_path, rel))
+    sent = {rel: (staging / rel).stat().st_size for rel in files}
+    fs.invalidate_cache()
+    if list_tree(fs, out_path) != sent:
+        raise AssembleError(f"--out {out}: the uploaded files do not match what was written")
