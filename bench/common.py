@@ -287,7 +287,7 @@ def demo_inputs(work: Path, samples: int) -> str:
 
 def decode_manifest(manifest: str) -> list[dict[str, Any]]:
     """Every row decoded exactly as the pipeline's fetch stage does (not timed by callers)."""
-    from pipeline.fetch import decode_sample
+    from pipeline.decode import decode_sample
 
     rows = []
     for row in pq.read_table(manifest).to_pylist():

@@ -7,9 +7,12 @@ Leaves: a `RunConfig` handed to `pipeline.run.run`, and a printed summary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -34,7 +37,7 @@ manifest_app = typer.Typer(
 app.add_typer(manifest_app, name="manifest")
 
 
-def _fail(exc: Exception, code: int) -> NoReturn:
+def _fail(exc: Exception | str, code: int) -> NoReturn:
     """A user's mistake or a missing input: one red line, no traceback, exit `code`."""
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code) from None
@@ -196,6 +199,9 @@ def run_command(
     results_rows_per_file: Annotated[
         int, typer.Option(help="Rows per results Parquet file (what a crash can cost to redo).")
     ] = 1000,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="On a failed run, print the whole traceback too.")
+    ] = False,
 ) -> None:
     """Harmonize every sample of a manifest and write images + results Parquet.
 
@@ -203,6 +209,7 @@ def run_command(
     model and parameters (incremental daily runs, resume after a crash).
     """
     from pipeline.placement import PlacementError
+    from pipeline.preflight import PreflightError, storage_failure
     from pipeline.run import run
     from schemas.manifest import ManifestError
 
@@ -230,11 +237,40 @@ def run_command(
         results_rows_per_file=results_rows_per_file, **extra,
     )  # fmt: skip
     try:
-        summary = run(config)
-    except (ManifestError, PlacementError) as exc:
+        with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
+            summary = run(config)
+    except (ManifestError, PreflightError, PlacementError) as exc:  # found before any work
         _fail(exc, 2)
+    except Exception as exc:  # storage failing mid-run (disk full, access revoked): one line
+        line = storage_failure(exc)
+        if line is None:
+            raise
+        if verbose:
+            traceback.print_exception(exc)
+        _fail(line, 1)
     # Per-sample errors are results (status = error), not a failed run: the exit code stays 0.
     typer.echo(summary.text())
+
+
+@contextlib.contextmanager
+def _quiet_ray_data_errors() -> Iterator[None]:
+    """Keep Ray Data's error records (a failed run's traceback, a plea to report a Ray bug) off
+    the console: the run command says what failed in one line, and the records still go to
+    Ray Data's log file in the session folder. `--verbose` keeps them."""
+    from ray.data._internal.logging import SessionFileHandler  # Ray Data's own log file
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    consoles = [h for h in logging.getLogger("ray.data").handlers
+                if not isinstance(h, SessionFileHandler)]  # fmt: skip
+    for handler in consoles:
+        handler.addFilter(below_error)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(below_error)
 
 
 @app.command("demo")
@@ -579,6 +615,14 @@ def report_command(
     except QueryError as exc:
         _fail(exc, 2)
     typer.echo(summary.text())
+    if summary.failed:  # the page is written, but it is missing pictures: say so, exit 1
+        typer.secho(
+            f"error: {len(summary.failed)} of {summary.images} images could not be shown in "
+            f"{summary.out} (listed above as 'thumbnail failed')",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

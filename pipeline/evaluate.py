@@ -22,8 +22,8 @@ We resize with PIL, as the official script does (`imaging.eval_resize`), so that
 is the official one to the last digit; the pipeline's per-sample columns resize with the same
 function, so for lossless outputs (PNG, WebP lossless) a row's `mse`/`fmse`/`bmse`/`psnr`
 equal its line here.
-Departures: EXIF orientation is applied as the pipeline applies it (only files with an
-orientation tag are affected, and then output and ground truth stay aligned); a
+Departures: images are decoded by the pipeline's rules (`decode.py`: each file's own EXIF
+orientation, the mask rule; files without an orientation tag and 0/255 masks are unaffected); a
 metric that is undefined for an image (fMSE when the mask vanishes at 256 px) is left out of
 that metric's mean and counted, where the official script's mean would become NaN.
 
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.fetch import orient, orientation, to_mask, to_rgb
+from pipeline.decode import to_mask, to_rgb, upright
 from pipeline.imaging import EVAL_SIZE, eval_resize, eval_resize_mask
 from pipeline.run import read_results
 from pipeline.score import mse, psnr, region_mse
@@ -224,23 +224,20 @@ def load_eval_images(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sample at the evaluation scale: image and real (256, 256, 3) uint8, mask (256, 256)
     uint8 in {0, 1}, resampled as the official script does."""
-    decoded = {}
+    arrays: dict[str, np.ndarray] = {}
     for what, uri in (("image", image_uri), ("real", real_uri), ("mask", mask_uri)):
         try:
-            decoded[what] = _decode(read_bytes(uri, storage_options))
+            image = upright(_decode(read_bytes(uri, storage_options)))
+            arrays[what] = to_mask(image) if what == "mask" else to_rgb(image, what)
         except FileNotFoundError:
             raise ValueError(f"{what} not found: {uri}") from None
         except Exception as exc:
             raise ValueError(f"{what} {uri} unreadable: {type(exc).__name__}: {exc}") from None
-    real_tag = orientation(decoded["real"])
-    mask_tag = orientation(decoded["mask"])
-    if mask_tag == 1 and decoded["mask"].size == decoded["real"].size:
-        mask_tag = real_tag  # drawn on the same pixels: as fetch.py, with the real as reference
-    rgb = [
-        eval_resize(to_rgb(orient(decoded[what], tag)))
-        for what, tag in (("image", orientation(decoded["image"])), ("real", real_tag))
-    ]
-    return rgb[0], rgb[1], eval_resize_mask(to_mask(orient(decoded["mask"], mask_tag)))
+    return (
+        eval_resize(arrays["image"]),
+        eval_resize(arrays["real"]),
+        eval_resize_mask(arrays["mask"]),
+    )
 
 
 def score_batch(

@@ -1,22 +1,32 @@
 """Manifest: a Parquet file or folder of files on any fsspec URI, checked before the run.
 
 Enters: the manifest URI and storage options.
-Leaves: a `Manifest` naming the Parquet files for Ray Data's `read_parquet`, the folder that
-relative URIs resolve against and the passthrough columns. Only the key columns are read
-here (to check them); the rows themselves stream through Ray later.
+Leaves: a `Manifest` naming the Parquet files for Ray Data's `read_parquet`, the schema every
+file is read with (the files' schemas unified), the folder that relative URIs resolve
+against and the passthrough columns. Only the footers and the key columns are read here (to
+check them); the rows themselves stream through Ray later.
+
+Files of one folder may differ: a column missing from some files reads as null there, and a
+column whose type differs is promoted where no value can change (a wider integer, an integer
+of up to 32 bits to float64, a wider float, string to large_string, a dictionary to its
+values, null to anything). Any other difference is refused before the run, naming the column
+and the files.
 """
 
 from __future__ import annotations
 
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.storage import absolute, filesystem, to_pyarrow
 from schemas.manifest import KEY_COLUMNS, ManifestError, validate_manifest, validate_schema
+
+_READERS = 16  # footers and key columns read concurrently (object-store latency)
 
 
 @dataclass(frozen=True)
@@ -24,16 +34,78 @@ class Manifest:
     uri: str
     files: list[str]  # paths inside `filesystem`, for read_parquet
     base_dir: str  # URI of the folder that relative sample URIs resolve against
-    schema: pa.Schema
+    schema: pa.Schema  # every file is read with this schema
     num_rows: int
+    first_composite: str | None = None  # as written in the first row (for preflight checks)
 
     @property
     def passthrough(self) -> list[pa.Field]:
         return [field for field in self.schema if field.name not in KEY_COLUMNS]
 
 
+def promote(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """A type that holds every value of `a` and of `b` unchanged, or None when there is none."""
+    if pa.types.is_dictionary(a):
+        return promote(a.value_type, b)
+    if pa.types.is_dictionary(b):
+        return promote(a, b.value_type)
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if pa.types.is_integer(a) and pa.types.is_integer(b):
+        if pa.types.is_signed_integer(a) == pa.types.is_signed_integer(b):
+            return a if a.bit_width >= b.bit_width else b
+        unsigned, signed = (a, b) if pa.types.is_unsigned_integer(a) else (b, a)
+        width = max(signed.bit_width, 2 * unsigned.bit_width)
+        return {8: pa.int8(), 16: pa.int16(), 32: pa.int32(), 64: pa.int64()}.get(width)
+    if pa.types.is_floating(a) and pa.types.is_floating(b):
+        return a if a.bit_width >= b.bit_width else b
+    if pa.types.is_integer(a) and pa.types.is_floating(b):
+        return pa.float64() if a.bit_width <= 32 else None  # float64 holds every int32
+    if pa.types.is_floating(a) and pa.types.is_integer(b):
+        return promote(b, a)
+    for narrow, wide in ((pa.string(), pa.large_string()), (pa.binary(), pa.large_binary())):
+        if {a, b} == {narrow, wide}:
+            return wide
+    return None
+
+
+def unify_schemas(names: list[str], schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for files `names` with `schemas`: columns in order of first appearance,
+    types promoted where lossless (raises `ManifestError` naming the column and files)."""
+    fields: dict[str, pa.Field] = {}
+    for schema in schemas:
+        for field in schema:
+            if field.name not in fields:
+                fields[field.name] = field.with_metadata(None)
+                continue
+            seen = fields[field.name]
+            promoted = promote(seen.type, field.type)
+            if promoted is None:
+                by_type: dict[str, list[str]] = {}
+                for name, other in zip(names, schemas):
+                    index = other.get_field_index(field.name)
+                    if index >= 0:
+                        by_type.setdefault(str(other.field(index).type), []).append(name)
+                found = " but ".join(
+                    f"{kind} in {_listed(files)}" for kind, files in by_type.items()
+                )
+                raise ManifestError(
+                    f"manifest: column {field.name!r} is {found}; no type holds both without "
+                    "changing values: write it with one type in every file"
+                )
+            fields[field.name] = pa.field(field.name, promoted, seen.nullable or field.nullable)
+    return pa.schema(list(fields.values()))
+
+
+def _listed(files: list[str], shown: int = 3) -> str:
+    more = len(files) - shown
+    return ", ".join(files[:shown]) + (f" and {more} more files" if more > 0 else "")
+
+
 def open_manifest(uri: str, storage_options: dict[str, Any]) -> Manifest:
-    """Find the manifest's files and validate its structure (raises `ManifestError`)."""
+    """Find the manifest's files and validate their structure (raises `ManifestError`)."""
     uri = absolute(uri)
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
@@ -43,15 +115,41 @@ def open_manifest(uri: str, storage_options: dict[str, Any]) -> Manifest:
         base_dir = uri
         if not files:
             raise ManifestError(f"manifest folder {uri} holds no .parquet file")
+        names = [posixpath.relpath(f, path) for f in files]
     else:
         files = [path]
         base_dir = posixpath.dirname(uri)
-    try:
-        dataset = pads.dataset(files, filesystem=to_pyarrow(fs), format="parquet")
-        schema = dataset.schema
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ManifestError(f"manifest {uri} is not readable Parquet: {exc}") from None
+        names = [posixpath.basename(path)]
+    arrow_fs = to_pyarrow(fs)
+
+    def footer(index: int) -> pa.Schema:
+        try:
+            return pq.read_schema(files[index], filesystem=arrow_fs)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ManifestError(
+                f"manifest file {names[index]} is not readable Parquet: {exc}"
+            ) from None
+
+    with ThreadPoolExecutor(max_workers=min(_READERS, len(files))) as pool:
+        schemas = list(pool.map(footer, range(len(files))))
+    schema = unify_schemas(names, schemas)
     validate_schema(schema)
-    keys = dataset.to_table(columns=[c for c in KEY_COLUMNS if c in schema.names])
-    validate_manifest(keys)
-    return Manifest(uri=uri, files=files, base_dir=base_dir, schema=schema, num_rows=keys.num_rows)
+    key_fields = [schema.field(c) for c in KEY_COLUMNS if c in schema.names]
+
+    def keys(index: int) -> pa.Table:
+        columns = [f.name for f in key_fields if f.name in schemas[index].names]
+        table = pq.read_table(files[index], columns=columns, filesystem=arrow_fs)
+        return pa.table(
+            [
+                table[f.name].cast(f.type) if f.name in columns else pa.nulls(len(table), f.type)
+                for f in key_fields
+            ],
+            schema=pa.schema(key_fields),
+        )
+
+    with ThreadPoolExecutor(max_workers=min(_READERS, len(files))) as pool:
+        tables = list(pool.map(keys, range(len(files))))
+    keys_table = pa.concat_tables(tables)
+    validate_manifest(keys_table, files=[(n, len(t)) for n, t in zip(names, tables)])
+    first = keys_table["composite_uri"][0].as_py() if keys_table.num_rows else None
+    return Manifest(uri, files, base_dir, schema, keys_table.num_rows, first)

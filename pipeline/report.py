@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.fetch import orient, orientation, to_mask, to_rgb
+from pipeline.decode import to_mask, to_rgb, upright
 from pipeline.query import (
     QUANTILE_LABELS,
     QueryError,
@@ -83,6 +83,7 @@ class ReportSummary:
     metric: str | None
     samples: int  # samples in the report's population
     thumbnails: int  # <img> elements in the page (a sample in two sections counts twice)
+    images: int = 0  # distinct images the page shows (sample, kind)
     failed: list[str] = field(default_factory=list)  # "sample_id kind: reason"
     size: int = 0  # bytes of the page
 
@@ -181,7 +182,7 @@ def thumbnail(data: bytes, size: int, mask: bool = False) -> str:
     """Encoded image -> a JPEG data URI at most `size` px a side (decoded as the pipeline does)."""
     image = Image.open(io.BytesIO(data))
     image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, much faster
-    image = orient(image, orientation(image))
+    image = upright(image)
     if mask:
         picture = Image.fromarray(to_mask(image) * 255)
     else:
@@ -203,7 +204,7 @@ def difference_thumbnail(composite: bytes, output: bytes, size: int) -> str:
     pictures = []
     for data in (composite, output):
         image = Image.open(io.BytesIO(data))
-        pictures.append(Image.fromarray(to_rgb(orient(image, orientation(image)))))
+        pictures.append(Image.fromarray(to_rgb(upright(image))))
     before, after = pictures
     if after.size != before.size:
         after = after.resize(before.size, Image.Resampling.BILINEAR)
@@ -493,4 +494,6 @@ generated {now}</p>
     data = page.encode()
     out = absolute(out)
     write_atomic(out, data, options)
-    return ReportSummary(out, metric, stats.samples, page.count("<img "), failed, len(data))
+    return ReportSummary(
+        out, metric, stats.samples, page.count("<img "), len(wanted), failed, len(data)
+    )

@@ -10,11 +10,13 @@ Leaves: `{output}/images/…` (one image per ok sample), `{output}/results/{run_
     → map_batches(fetch_and_decode)   CPU tasks  + decoded pixels, status, error
     → map_batches(HarmonizeActor)     actor pool + harmonized pixels, model columns, metrics
     → map_batches(write_images)       CPU tasks  images written; rows in the results schema
-    → write_datasink(ResultsSink)                results/{run_id}/part-*.parquet
+    → write_datasink(ResultsSink)                results/{run_id}/part-{attempt}-*.parquet
 
 Incremental runs: a sample is done when some earlier results row has `status = ok` and the
 same `params_hash` (model, weights fingerprint and every output parameter). Re-running on a
-grown manifest, or after a crash, processes only the rest; errors are retried.
+grown manifest, or after a crash, processes only the rest; errors are retried. A run id may
+be used again: each execution writes its own files beside the earlier ones, and its summary
+counts only those.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
+from pipeline import preflight
 from pipeline.config import RunConfig
 from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, check_device, params_hash
-from pipeline.manifest import Manifest, open_manifest
+from pipeline.manifest import Manifest
 from pipeline.models import load_harmonizer
 from pipeline.placement import (
     ClusterGPUs,
@@ -42,7 +45,7 @@ from pipeline.placement import (
     check_paths_reachable,
     plan_placement,
 )
-from pipeline.storage import filesystem, join, parquet_dataset, to_pyarrow
+from pipeline.storage import absolute, filesystem, join, parquet_dataset, to_pyarrow
 from pipeline.write import ResultsSink, write_images
 from schemas.results import results_schema_with
 
@@ -82,10 +85,11 @@ def results_dir(config: RunConfig) -> str:
 
 
 def read_results(
-    uri: str, storage_options: dict, columns: list[str] | None = None
+    uri: str, storage_options: dict, columns: list[str] | None = None, name_prefix: str = ""
 ) -> pa.Table | None:
-    """Every results Parquet file under `uri` (all runs), or None when there are none."""
-    dataset = parquet_dataset(uri, storage_options)
+    """Every results Parquet file under `uri` (all runs; only the files whose name starts with
+    `name_prefix`), or None when there are none."""
+    dataset = parquet_dataset(uri, storage_options, name_prefix)
     if dataset is None:
         return None
     if columns is not None:
@@ -168,7 +172,9 @@ def build_dataset(
     fs, _ = filesystem(manifest.uri, config.storage_options)
     schema = results_schema_with(manifest.passthrough)
 
-    dataset = ray.data.read_parquet(manifest.files, filesystem=to_pyarrow(fs))
+    dataset = ray.data.read_parquet(
+        manifest.files, filesystem=to_pyarrow(fs), schema=manifest.schema
+    )  # files unified
     if done is not None and len(done):
         dataset = dataset.map_batches(
             drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow", num_cpus=0.5
@@ -253,11 +259,11 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def summarize(config: RunConfig, seconds: float, skipped: int) -> RunSummary:
-    """Read back this run's results (a few small columns) and count them."""
+def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str) -> RunSummary:
+    """Read back the results this execution wrote (a few small columns) and count them."""
     uri = results_dir(config)
     columns = ["status", "error", "mse", "composite_mse", "device"]
-    table = read_results(uri, config.storage_options, columns)
+    table = read_results(uri, config.storage_options, columns, name_prefix=file_prefix)
     rows = table.to_pydict() if table is not None else {name: [] for name in columns}
     pairs = [
         (c, m)
@@ -291,15 +297,19 @@ def summarize(config: RunConfig, seconds: float, skipped: int) -> RunSummary:
 
 def run(config: RunConfig) -> RunSummary:
     """Validate the manifest, run the Ray graph, write the results, summarize."""
-    manifest = open_manifest(config.manifest, config.storage_options)  # fails before any model
+    # Workers run in other folders, and results name their images: a local relative output
+    # becomes absolute here, once.
+    config = replace(config, output=absolute(config.output))
+    manifest = preflight.check(config)  # manifest, storage, output: fails before any model
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
     init_ray(config)
     config, placement = place(config)  # fails here, before any model loads
     start = time.perf_counter()
     done = done_sample_ids(config, probe_params_hash(config, placement))
     dataset = build_dataset(config, manifest, placement, done)
-    dataset.write_datasink(ResultsSink(results_dir(config), config))
-    return summarize(config, time.perf_counter() - start, skipped=len(done))
+    sink = ResultsSink(results_dir(config), config)
+    dataset.write_datasink(sink)
+    return summarize(config, time.perf_counter() - start, len(done), sink.file_prefix)
 
 
 def list_runs(output: str, storage_options: dict) -> pa.Table:

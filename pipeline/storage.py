@@ -2,11 +2,13 @@
 
 Enters: URIs (`s3://bucket/key`, `gs://…`, `file:///…`, `/local/path`, `relative/path`) and
 fsspec storage options (endpoint, credentials).
-Leaves: filesystem objects, resolved URIs, bytes read, files written atomically.
+Leaves: filesystem objects, resolved URIs, bytes read, files written atomically, and storage
+errors said in one line (`StorageError`, `describe`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -25,6 +27,43 @@ from fsspec.implementations.local import LocalFileSystem
 S3_RETRIES = {"retries": {"max_attempts": 10, "mode": "standard"}}
 
 
+class StorageError(Exception):
+    """A storage operation that failed for a whole run: one line naming the URI and the cause."""
+
+
+_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a file is where a folder should be",
+    errno.EEXIST: "a file is where a folder should be",
+    errno.EISDIR: "a folder is where a file should be",
+    errno.ENOENT: "not found",
+}
+
+
+def describe(exc: BaseException) -> str:
+    """The cause of a storage error in a few words, with the store's own message when it has
+    one that says more (S3: "The specified bucket does not exist", "Access Denied", ...)."""
+    if isinstance(exc, OSError) and exc.errno in _CAUSES:
+        cause = _CAUSES[exc.errno]
+    elif isinstance(exc, PermissionError):
+        cause = "permission denied"
+    elif isinstance(exc, FileNotFoundError):
+        cause = "not found"
+    elif isinstance(exc, (NotADirectoryError, FileExistsError)):
+        cause = "a file is where a folder should be"
+    else:
+        cause = type(exc).__name__
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    detail = detail.strip().splitlines()[0] if detail.strip() else ""
+    if detail and detail.lower() != cause.lower() and not detail.startswith("[Errno"):
+        cause = f"{cause} ({detail})"
+    return cause
+
+
 def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `uri` and the path inside it (fsspec caches instances)."""
     options = dict(storage_options)
@@ -41,8 +80,11 @@ def to_pyarrow(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def parquet_dataset(uri: str, storage_options: dict[str, Any]) -> pads.Dataset | None:
-    """Every Parquet file under `uri` as one dataset over the union of their schemas, or None.
+def parquet_dataset(
+    uri: str, storage_options: dict[str, Any], name_prefix: str = ""
+) -> pads.Dataset | None:
+    """Every Parquet file under `uri` (whose name starts with `name_prefix`) as one dataset
+    over the union of their schemas, or None.
 
     Every file's footer is read, not only the first's: runs written by different versions of
     the pipeline hold different columns, and a column missing from a file reads as null.
@@ -50,7 +92,11 @@ def parquet_dataset(uri: str, storage_options: dict[str, Any]) -> pads.Dataset |
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         return None
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+    files = sorted(
+        f
+        for f in fs.find(path)
+        if f.endswith(".parquet") and posixpath.basename(f).startswith(name_prefix)
+    )
     if not files:
         return None
     factory = pads.FileSystemDatasetFactory(to_pyarrow(fs), files, pads.ParquetFileFormat())

@@ -5,14 +5,16 @@ Enters: pyarrow batches from `harmonize.py` (`harmonized_pixels`, `output_width`
 Leaves: `write_images` (Ray CPU tasks) writes each ok row's image to `output_uri`
 (`{output}/images/{safe sample_id}.{format}`) and only then emits the row, in the results
 schema (`schemas/results.py`) followed by the passthrough columns. `ResultsSink` writes those
-rows as Parquet files under `{output}/results/{run_id}/`. Both write atomically, so a crash
-leaves whole files or none, and no result row points at a missing image.
+rows as Parquet files under `{output}/results/{run_id}/`, named so that no execution of the
+plan ever replaces another's file. Both write atomically, so a crash leaves whole files or
+none, and no result row points at a missing image.
 """
 
 from __future__ import annotations
 
 import io
 import time
+import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
@@ -25,7 +27,7 @@ from ray.data._internal.execution.interfaces import TaskContext
 from ray.data.block import Block, BlockAccessor
 
 from pipeline.config import RunConfig
-from pipeline.storage import join, safe_key, write_atomic
+from pipeline.storage import StorageError, describe, join, safe_key, write_atomic
 from schemas.results import RESULTS_SCHEMA
 
 
@@ -98,14 +100,23 @@ def write_images(batch: pa.Table, config: RunConfig, schema: pa.Schema) -> pa.Ta
 class ResultsSink(Datasink[int]):
     """One Parquet file per write task, written atomically (Ray's own Parquet writer is not).
 
-    File names come from the task index, so a retried task replaces its own file instead of
-    adding a second copy of its rows.
+    Files are named `part-{attempt}-{task:06d}.parquet`. `attempt` is drawn afresh for each
+    execution of the plan, so running again with a used run id (a retried schedule, a resume
+    after Ctrl-C) adds files beside the earlier ones and never replaces them. Within one
+    execution a task that Ray retries (its node died) writes the same rows again under its
+    own name, replacing its own file instead of adding a second copy of its rows.
     """
 
     def __init__(self, directory: str, config: RunConfig) -> None:
         self.directory = directory
         self.storage_options = config.storage_options
         self.rows_per_file = config.results_rows_per_file
+        self.attempt = uuid.uuid4().hex[:12]
+
+    @property
+    def file_prefix(self) -> str:
+        """The name prefix of every file this execution writes (and no other's)."""
+        return f"part-{self.attempt}-"
 
     @property
     def min_rows_per_write(self) -> int:
@@ -119,8 +130,11 @@ class ResultsSink(Datasink[int]):
         table = pa.concat_tables(tables)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        uri = join(self.directory, f"part-{ctx.task_idx:06d}.parquet")
-        write_atomic(uri, buffer.getvalue(), self.storage_options)
+        uri = join(self.directory, f"{self.file_prefix}{ctx.task_idx:06d}.parquet")
+        try:
+            write_atomic(uri, buffer.getvalue(), self.storage_options)
+        except OSError as exc:  # dooms the run: say which file and why, in one line
+            raise StorageError(f"cannot write results file {uri}: {describe(exc)}") from None
         return table.num_rows
 
     def get_name(self) -> str:

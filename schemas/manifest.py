@@ -7,6 +7,8 @@ URIs are absolute (`s3://…`, `/data/…`) or relative to the manifest's folder
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -56,10 +58,27 @@ def validate_schema(schema: pa.Schema) -> None:
         raise ManifestError("manifest: " + "; ".join(problems) + f" (columns present: {have})")
 
 
-def validate_manifest(table: pa.Table) -> None:
+def _rows(rows: list[int], files: list[tuple[str, int]] | None) -> str:
+    """Global row numbers as the reader can find them: per file when there are several."""
+    if not files or len(files) == 1:
+        return f"rows {_listed(rows)}"
+    rows = sorted(rows)
+    places, start = [], 0
+    for name, count in files:
+        first, last = bisect_left(rows, start), bisect_left(rows, start + count)
+        if first < last:
+            places.append(f"{name} rows {_listed([r - start for r in rows[first:last]])}")
+        start += count
+    shown = "; ".join(places[:_MAX_LISTED])
+    more = len(places) - _MAX_LISTED
+    return shown + (f" and {more} more files" if more > 0 else "")
+
+
+def validate_manifest(table: pa.Table, files: list[tuple[str, int]] | None = None) -> None:
     """Check a manifest table's key columns: schema, empty or null values, duplicate ids.
 
-    `table` may hold only the key columns (the driver reads no more than those).
+    `table` may hold only the key columns (the driver reads no more than those). `files`, the
+    name and row count of each file the rows came from in order, makes messages name files.
     """
     validate_schema(table.schema)
     problems = []
@@ -69,14 +88,14 @@ def validate_manifest(table: pa.Table) -> None:
         bad = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(column), 0))
         bad_rows = pc.filter(row_numbers, pc.fill_null(bad, True)).to_pylist()
         if bad_rows:
-            problems.append(f"column {name!r} is null or empty in rows {_listed(bad_rows)}")
+            problems.append(f"column {name!r} is null or empty in {_rows(bad_rows, files)}")
     counts = pc.value_counts(table.column("sample_id")).flatten()
     duplicated = pc.filter(counts[0], pc.greater(counts[1], 1))
     if len(duplicated):
         rows = pc.filter(row_numbers, pc.is_in(table.column("sample_id"), duplicated)).to_pylist()
         problems.append(
             f"column 'sample_id' has {len(duplicated)} duplicated value(s) "
-            f"{_listed(duplicated.to_pylist())} in rows {_listed(rows)}"
+            f"{_listed(duplicated.to_pylist())} in {_rows(rows, files)}"
         )
     if problems:
         raise ManifestError("manifest: " + "; ".join(problems))

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.run import read_results, run
@@ -57,6 +57,36 @@ def exif_rotated_jpeg() -> bytes:
     return encode(Image.fromarray(photo()), "JPEG", quality=95, exif=exif.tobytes())
 
 
+def square_exif_jpeg() -> bytes:
+    """Square, orientation 6: only the tag says how it is displayed."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(Image.fromarray(photo(H, H)), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def corner_mask(height: int = H, width: int = W) -> np.ndarray:
+    """Off every symmetry axis, so that a turned or flipped mask shows."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[3 : height // 3, 5 : width // 2] = 255
+    return mask
+
+
+def rgba_cutout() -> bytes:
+    """A cut-out: the object's colours, and the mask in alpha."""
+    return encode(Image.fromarray(np.dstack([photo(seed=1), corner_mask()]), "RGBA"))
+
+
+def red_mask() -> bytes:
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[..., 0] = corner_mask()
+    return encode(Image.fromarray(rgb))
+
+
+def float_tiff() -> bytes:
+    """Mode F on the 0-255 scale."""
+    return encode(Image.fromarray(photo()[..., 0].astype(np.float32)), "TIFF")
+
+
 def palette_png_with_transparency() -> bytes:
     image = Image.fromarray(photo()).convert("P", palette=Image.Palette.ADAPTIVE)
     return encode(image, transparency=0)
@@ -80,7 +110,13 @@ CASES: dict[str, tuple[str, Callable[[], bytes] | None, Callable[[], bytes], str
     "16-bit png": ("png16", sixteen_bit_png, lambda: mask_png(box_mask()), "ok"),
     "cmyk jpeg": ("cmyk", lambda: encode(Image.fromarray(photo()).convert("CMYK"), "JPEG"), lambda: mask_png(box_mask()), "ok"),
     "palette png with transparency": ("palette", palette_png_with_transparency, lambda: mask_png(box_mask()), "ok"),
-    "exif-rotated jpeg": ("exif", exif_rotated_jpeg, lambda: mask_png(box_mask()), "ok"),
+    "exif-rotated jpeg": ("exif", exif_rotated_jpeg, lambda: mask_png(np.rot90(box_mask(), k=-1)), "ok"),
+    "exif mask on the stored pixels": ("exif-stored", exif_rotated_jpeg, lambda: mask_png(box_mask()), "matches the composite as stored"),
+    "square exif jpeg": ("exif-square", square_exif_jpeg, lambda: mask_png(corner_mask(H, H)), "ok"),
+    "rgba cut-out mask": ("rgba-mask", lambda: rgb_png(photo()), rgba_cutout, "ok"),
+    "0/1 mask": ("zero-one-mask", lambda: rgb_png(photo()), lambda: mask_png(corner_mask() // 255), "ok"),
+    "red mask": ("red-mask", lambda: rgb_png(photo()), red_mask, "ok"),
+    "float tiff composite": ("float-tiff", float_tiff, lambda: mask_png(corner_mask()), "ok"),
     "greyscale": ("grey", lambda: encode(Image.fromarray(photo()[..., 0])), lambda: mask_png(box_mask()), "ok"),
     "1x1 image": ("tiny", lambda: rgb_png(photo(1, 1)), lambda: mask_png(np.full((1, 1), 255, np.uint8)), "covers the whole image"),
     "over the pixel limit": ("huge", lambda: rgb_png(photo(500, 500)), lambda: mask_png(box_mask(500, 500)), "over the limit of 200000"),
@@ -166,6 +202,34 @@ def test_exif_orientation_applied_to_composite_and_mask(matrix_run: dict[str, An
     mask = np.rot90(box_mask(), k=-1) > 0
     out = output_image(result)
     np.testing.assert_array_equal(out[~mask], displayed[~mask])
+
+
+def _displayed(data: bytes) -> np.ndarray:
+    """The composite as PIL itself shows it (its EXIF orientation applied), in RGB."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
+# sample_id -> (composite as displayed, the mask the rule must read)
+MASK_RULE_CASES: dict[str, tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]] = {
+    "exif-square": (lambda: _displayed(square_exif_jpeg()), lambda: corner_mask(H, H) > 0),
+    "rgba-mask": (photo, lambda: corner_mask() > 0),
+    "zero-one-mask": (photo, lambda: corner_mask() > 0),
+    "red-mask": (photo, lambda: corner_mask() > 0),
+    "float-tiff": (lambda: np.repeat(photo()[..., :1], 3, 2), lambda: corner_mask() > 0),
+}
+
+
+@pytest.mark.parametrize("sample_id", list(MASK_RULE_CASES))
+def test_mask_rule_decides_what_is_harmonized(matrix_run: dict[str, Any], sample_id: str) -> None:
+    """Outside the mask the output is the displayed composite, pixel for pixel; inside it
+    changed. A mask read from the wrong channel, or turned, fails one or the other."""
+    composite, mask = (make() for make in MASK_RULE_CASES[sample_id])
+    result = matrix_run["rows"][sample_id]
+    assert result["status"] == "ok", result["error"]
+    assert result["mask_area"] == pytest.approx(mask.mean())
+    out = output_image(result)
+    np.testing.assert_array_equal(out[~mask], composite[~mask])
+    assert np.abs(out[mask].astype(int) - composite[mask]).mean() > 0.5
 
 
 def test_unsafe_sample_id_stays_inside_the_output(matrix_run: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import open_manifest
+from pipeline.manifest import open_manifest, promote
 from pipeline.run import read_results
 from pipeline.storage import resolve, safe_key, write_atomic
 from schemas.manifest import ManifestError
@@ -97,3 +97,87 @@ def test_results_of_runs_with_different_columns_read_as_one_table(tmp_path: Path
     assert table.column("ssim").to_pylist() == [None, 0.5]
     assert read_results(str(results), {}, ["sample_id", "absent"]).column_names == ["sample_id"]
     assert read_results(str(tmp_path / "nothing"), {}) is None
+
+
+# --- folder manifests whose files differ -------------------------------------------------------
+
+
+def folder_of(tmp_path: Path, *tables: pa.Table) -> str:
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for index, table in enumerate(tables):
+        pq.write_table(table, folder / f"{index}.parquet")
+    return str(folder)
+
+
+def part(ids: list[str], **columns: pa.Array) -> pa.Table:
+    n = len(ids)
+    return pa.table({"sample_id": ids, "composite_uri": ["c"] * n, "mask_uri": ["m"] * n,
+                     **columns})  # fmt: skip
+
+
+def test_folder_schemas_are_unified_before_the_run(tmp_path: Path) -> None:
+    """A wider integer in one file, a column only the second file has: both kept."""
+    folder = folder_of(
+        tmp_path,
+        part(["a", "b"], score=pa.array([1, 2], pa.int32()), subset=pa.array(["x", "y"])),
+        part(["c"], score=pa.array([2**40], pa.int64()), subset=pa.array(["z"], pa.large_string()),
+             note=pa.array(["new"])),
+    )  # fmt: skip
+    manifest = open_manifest(folder, {})
+    assert manifest.num_rows == 3
+    assert {f.name: f.type for f in manifest.passthrough} == {
+        "score": pa.int64(), "subset": pa.large_string(), "note": pa.string(),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (pa.array(["1"]), pa.array([1]), "column 'score' is string in 0.parquet but int64 in "
+         "1.parquet; no type holds both without changing values"),
+        (pa.array([0.5]), pa.array([2**60]), "column 'score' is double in 0.parquet but int64 "
+         "in 1.parquet"),
+        (pa.array(["a"]), pa.array([1], pa.int32()), "is string in 0.parquet but int32"),
+    ],
+)  # fmt: skip
+def test_folder_column_types_that_cannot_be_unified_are_refused(
+    tmp_path: Path, first: pa.Array, second: pa.Array, message: str
+) -> None:
+    folder = folder_of(tmp_path, part(["a"], score=first), part(["b"], score=second))
+    with pytest.raises(ManifestError) as error:
+        open_manifest(folder, {})
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_duplicate_ids_across_files_name_the_files(tmp_path: Path) -> None:
+    folder = folder_of(tmp_path, part(["a", "b", "c"]), part(["d", "b"]), part(["e", ""]))
+    with pytest.raises(ManifestError) as error:
+        open_manifest(folder, {})
+    assert str(error.value) == (
+        "manifest: column 'sample_id' is null or empty in 2.parquet rows 1; column "
+        "'sample_id' has 1 duplicated value(s) 'b' in 0.parquet rows 1; 1.parquet rows 1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        (pa.int32(), pa.int64(), pa.int64()),
+        (pa.uint8(), pa.int8(), pa.int16()),
+        (pa.uint32(), pa.int64(), pa.int64()),
+        (pa.uint64(), pa.int64(), None),
+        (pa.int32(), pa.float32(), pa.float64()),
+        (pa.int64(), pa.float64(), None),  # float64 cannot hold every int64
+        (pa.float32(), pa.float64(), pa.float64()),
+        (pa.string(), pa.large_string(), pa.large_string()),
+        (pa.dictionary(pa.int32(), pa.string()), pa.string(), pa.string()),
+        (pa.null(), pa.timestamp("us"), pa.timestamp("us")),
+        (pa.timestamp("ms"), pa.timestamp("us"), None),
+        (pa.string(), pa.int64(), None),
+    ],
+)
+def test_promote_only_where_no_value_changes(
+    a: pa.DataType, b: pa.DataType, expected: pa.DataType | None
+) -> None:
+    assert promote(a, b) == expected and promote(b, a) == expected

@@ -196,3 +196,33 @@ def test_diffharmony_model_dir_on_s3(
     summary = run(config)
     assert (summary.samples, summary.ok) == (8, 8), summary.errors
     check_outputs(config, manifest)
+
+
+def test_folder_manifest_whose_files_differ(
+    ray_cluster: None, demo_manifest: str, tmp_path: Path
+) -> None:
+    """The second file widens a column and adds one: every row keeps both, typed as unified."""
+    table = pq.read_table(demo_manifest)
+    base = Path(demo_manifest).parent
+    for column in ("composite_uri", "mask_uri", "real_uri"):
+        absolute = [str(base / uri) for uri in table[column].to_pylist()]
+        table = table.set_column(table.schema.get_field_index(column), column, pa.array(absolute))
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    first, second = table.slice(0, 4), table.slice(4)
+    pq.write_table(
+        first.append_column("score", pa.array(range(4), pa.int32())), folder / "a.parquet"
+    )
+    second = second.append_column("score", pa.array([2**40 + i for i in range(4)], pa.int64()))
+    pq.write_table(second.append_column("note", pa.array(["late"] * 4)), folder / "b.parquet")
+
+    config = RunConfig(str(folder), str(tmp_path / "out"), model=ModelConfig(resolution=64),
+                       show_progress=False)  # fmt: skip
+    summary = run(config)
+    assert (summary.ok, summary.error) == (8, 0), summary.errors
+    results = read_results(config)
+    assert results.schema.field("score").type == pa.int64()
+    rows = {r["sample_id"]: r for r in results.to_pylist()}
+    ids = table["sample_id"].to_pylist()
+    assert [rows[i]["score"] for i in ids] == [0, 1, 2, 3] + [2**40 + i for i in range(4)]
+    assert [rows[i]["note"] for i in ids] == [None] * 4 + ["late"] * 4

@@ -377,6 +377,40 @@ def test_report_shows_an_image_it_cannot_read(
     # and so without its difference image.
     assert page.missing == 6
     assert len(page.images) == 3 * 8 * (len(IMAGE_KINDS) + 1) - 6
+    # The command says so on stderr and exits 1; the page is still written.
+    (tmp_path / "r.html").unlink()
+    result = invoke("report", "--results", str(tmp_path / "out"), "--out",
+                    str(tmp_path / "r.html"), "--count", "8")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert f"error: 1 of {8 * len(IMAGE_KINDS)} images could not be shown" in result.output
+    assert (tmp_path / "r.html").is_file()
+
+
+def test_relative_output_is_stored_absolute(
+    ray_cluster: None, demo_manifest: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--output RelOut: results name the images absolutely, so report and the manifest that
+    select writes work from any folder."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    result = invoke("run", "-m", demo_manifest, "-o", "RelOut", "--resolution", "64",
+                    "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    output = tmp_path / "here" / "RelOut"
+    table = read_results(str(output / "results"), {})
+    assert table is not None and table.num_rows == 8
+    for uri in table["output_uri"].to_pylist():
+        assert uri.startswith(str(output / "images") + "/") and Path(uri).is_file()
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    report = invoke("report", "--results", str(output), "--out", "r.html", "--count", "2")
+    assert report.exit_code == 0 and "failed" not in report.output, report.output
+    selected = invoke("select", "--results", str(output), "--where", "true", "--out", "s.parquet")
+    assert selected.exit_code == 0, selected.output
+    manifest = open_manifest("s.parquet", {})
+    rows = pq.read_table(manifest.files[0]).to_pylist()
+    assert len(rows) == 8 and all(Path(row["composite_uri"]).is_file() for row in rows)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,4 +1,5 @@
-"""Incremental runs, resume after the driver is SIGKILLed, actor death and retry."""
+"""Incremental runs, a reused run id, resume after the driver is SIGKILLed (resumed under the
+same run id), actor death and retry."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
+from pipeline.query import select, stats
 from pipeline.run import list_runs, read_results, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +83,61 @@ def test_incremental_runs_process_only_new_samples(
     ]  # fmt: skip
 
 
+def test_reusing_a_run_id_keeps_every_result(
+    ray_cluster: None, demo_manifest: str, tmp_path: Path
+) -> None:
+    """A scheduler retrying with the same --run-id, after a partial and after a complete run."""
+    full = grown_manifest(demo_manifest, tmp_path / "full.parquet", copies=1)  # 8 samples
+    partial = tmp_path / "partial.parquet"
+    pq.write_table(pq.read_table(full).slice(0, 3), partial)
+    output = str(tmp_path / "out")
+
+    def config(manifest: str) -> RunConfig:
+        return RunConfig(
+            manifest, output, model=ModelConfig(resolution=64), run_id="daily",
+            results_rows_per_file=2, show_progress=False,
+        )  # fmt: skip
+
+    first = run(config(str(partial)))
+    assert (first.samples, first.ok) == (3, 3)
+    second = run(config(full))  # the same id: the other 5, beside the first 3
+    assert (second.samples, second.ok, second.skipped) == (5, 5, 3)
+    third = run(config(full))  # the same id after a complete run: nothing to do, nothing lost
+    assert (third.samples, third.skipped) == (0, 8)
+    results = all_results(output)
+    ids = results["sample_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 8 and set(results["status"].to_pylist()) == {"ok"}
+    assert set(results["run_id"].to_pylist()) == {"daily"}
+
+
+@pytest.mark.parametrize("run_ids", [("one", "two"), ("same", "same")])
+def test_two_concurrent_runs_into_one_output(
+    ray_cluster: None, demo_manifest: str, tmp_path: Path, run_ids: tuple[str, str]
+) -> None:
+    """Neither run sees the other's results, so both harmonize every sample: select and stats
+    must still see each sample once (its latest ok row), and no results file may be lost."""
+    output = str(tmp_path / "out")
+    configs = [
+        RunConfig(demo_manifest, output, model=ModelConfig(resolution=64), run_id=run_id,
+                  results_rows_per_file=2, show_progress=False)
+        for run_id in run_ids
+    ]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        summaries = list(pool.map(run, configs))
+    assert sum(s.samples for s in summaries) == 16 - sum(s.skipped for s in summaries)
+    assert all(s.error == 0 for s in summaries)
+    results = all_results(output)
+    assert results.num_rows == sum(s.samples for s in summaries)  # every row written is kept
+    assert sorted(set(results["sample_id"].to_pylist())) == sorted(
+        pq.read_table(demo_manifest)["sample_id"].to_pylist()
+    )
+    summary = stats(output)
+    assert (summary.ok_samples, summary.samples, summary.failed_samples) == (8, 8, 0)
+    selection = select(output, "true", str(tmp_path / "selected.parquet"))
+    ids = pq.read_table(tmp_path / "selected.parquet")["sample_id"].to_pylist()
+    assert selection.selected == 8 and len(ids) == len(set(ids)) == 8
+
+
 def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
     manifest = grown_manifest(demo_manifest, tmp_path / "big.parquet", copies=12)  # 96 samples
     output = tmp_path / "out"
@@ -105,7 +164,7 @@ def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
         assert Path(uri).is_file()
 
     resumed = subprocess.run(
-        [*command, "--run-id", "resumed"], cwd=REPO, capture_output=True, text=True, timeout=400
+        [*command, "--run-id", "killed"], cwd=REPO, capture_output=True, text=True, timeout=400
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{partial.num_rows} already done, skipped" in resumed.stdout
