@@ -424,3 +424,54 @@ def write_official_download(root: Path, seed: int = 0) -> dict[str, Path]:
     (cvae / "config.json").write_text(json.dumps(cvae_config, indent=2))
     shutil.rmtree(modern)
     return {"inpainting": inpainting, "vae": vae, "diffharmony": release}
+
+
+# --- the harmony classifier (DiffHarmony++'s HumanHarmony selection) ----------------------------
+
+
+def harmony_classifier_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A ResNet-50 with a 2-class fc, random weights that give unsaturated probabilities.
+
+    The architecture is fixed (the official script builds torchvision's resnet50), so unlike
+    the other fixtures this one has the real size (~94 MB in fp32). Batch-norm statistics are
+    measured on random images, smooth and detailed (as training would have set them), so that
+    activations stay in range, and the fc is centred on those images' mean feature and scaled
+    so that the class-1 probability varies between images (about 0.1 to 0.9).
+    """
+    import torch.nn.functional as F
+
+    from pipeline.models.classifier import IMAGENET_MEAN, IMAGENET_STD, ResNet50
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ResNet50(num_classes=2)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None  # cumulative average over the calibration batches
+        # Smooth and detailed images alike: photos and noisy test images stay in range.
+        images = torch.cat(
+            [F.interpolate(torch.rand(2, 3, n, n), size=256, mode="bilinear") for n in (8, 64)]
+        )
+        images = (images - mean) / std
+        with torch.no_grad():
+            model.train()(images)
+            model.eval()
+            features = model.avgpool(
+                model.layer4(model.layer3(model.layer2(model.layer1(
+                    model.maxpool(model.relu(model.bn1(model.conv1(images))))
+                ))))
+            ).flatten(1)  # fmt: skip
+            model.fc.weight.mul_(8.0)
+            model.fc.bias.copy_(-model.fc.weight @ features.mean(0))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def write_harmony_classifier(folder: Path, seed: int = 0) -> Path:
+    """The release's `harmony_classifier/model_state_dict.pth`: a pickled state dict, as the
+    official training saved it (`torch.save(model.state_dict())`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(harmony_classifier_state(seed), folder / "model_state_dict.pth")
+    return folder
