@@ -331,7 +331,16 @@ def compose_batch(batch: pa.Table, config: ComposeConfig, objects: Any) -> pa.Ta
     # the batch needs is fetched once.
     seeds = [sample_seed(config.seed, sid) for sid in ids]
     generators = [np.random.default_rng(seed) for seed in seeds]
-    picks = [draw_objects(rng, rules, len(object_rows)) for rng in generators]
+    cut_from: dict[str, set[int]] = {}  # an object is never pasted into its own image
+    for index, row in enumerate(object_rows):
+        cut_from.setdefault(row["image_uri"], set()).add(index)
+    picks: list[list[int] | LayoutError] = []
+    for rng, uri in zip(generators, background_uris):
+        try:
+            excluded = frozenset(cut_from.get(uri, ()))
+            picks.append(draw_objects(rng, rules, len(object_rows), excluded))
+        except LayoutError as exc:
+            picks.append(exc)
 
     def load(index: int) -> Cutout | Exception:
         try:
@@ -344,19 +353,23 @@ def compose_batch(batch: pa.Table, config: ComposeConfig, objects: Any) -> pa.Ta
 
     def make(i: int) -> dict[str, Any]:
         sid = ids[i]
+        drawn = picks[i]
         row: dict[str, Any] = {
             "sample_id": sid, "background_id": background_ids[i],
             "background_uri": background_uris[i], "compose_seed": seeds[i],
-            "object_ids": [object_rows[j]["object_id"] for j in picks[i]],
+            "object_ids": [] if isinstance(drawn, Exception) else
+                          [object_rows[j]["object_id"] for j in drawn],
         }  # fmt: skip
         try:
-            failed = [cutouts[j] for j in picks[i] if isinstance(cutouts[j], Exception)]
+            if isinstance(drawn, Exception):
+                raise drawn
+            failed = [cutouts[j] for j in drawn if isinstance(cutouts[j], Exception)]
             if failed:
                 raise failed[0]
             name = f"background {background_ids[i]!r}"
             data = _read(background_uris[i], name, options)
             background = to_rgb(upright(open_image(data, name, config.max_pixels)), name)
-            chosen = [cutouts[j] for j in picks[i]]
+            chosen = [cutouts[j] for j in drawn]
             placed, dropped = layout(generators[i], rules, chosen, background.shape[:2])  # type: ignore[arg-type]
             composite, labels, instances = paste(background, placed)
             key = safe_key(sid)
@@ -378,7 +391,7 @@ def compose_batch(batch: pa.Table, config: ComposeConfig, objects: Any) -> pa.Ta
         row["instances"] = [
             {
                 "label": inst.label, "object_id": object_ids[inst.index],
-                "category": object_rows[picks[i][inst.index]]["category"],
+                "category": object_rows[drawn[inst.index]]["category"],
                 "bbox": list(inst.bbox), "area": inst.area, "visible": inst.visible,
                 "x": p.placement.x, "y": p.placement.y, "width": p.placement.width,
                 "height": p.placement.height, "scale": p.placement.scale,
@@ -390,7 +403,7 @@ def compose_batch(batch: pa.Table, config: ComposeConfig, objects: Any) -> pa.Ta
         return {**row, **uris, "status": "ok", "error": None}
 
     with ThreadPoolExecutor(max_workers=min(16, max(len(ids), 1))) as threads:
-        needed = sorted({j for chosen in picks for j in chosen})
+        needed = sorted({j for drawn in picks if isinstance(drawn, list) for j in drawn})
         cutouts = dict(zip(needed, threads.map(load, needed)))
         rows = list(threads.map(make, range(len(ids))))
 

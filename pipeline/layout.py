@@ -26,6 +26,8 @@ Rules:
   inside the background): the rule holds for the finished composite, not pair by pair.
   After `attempts` positions an object is left out (and named).
 - flip: each object is mirrored horizontally with probability `flip`.
+- objects: `min_objects` to `max_objects` per composite, drawn without replacement while the
+  pool allows, never one cut from the background's own image.
 Draws happen in a fixed order from one generator, so a composite depends only on its seed,
 its background's size and its objects.
 """
@@ -127,13 +129,18 @@ class Instance:
     visible: float  # visible pixels / its pixels inside the background
 
 
-def draw_objects(rng: np.random.Generator, rules: LayoutRules, pool: int) -> list[int]:
-    """How many objects and which (indices into a pool of `pool` objects; distinct while the
-    pool allows)."""
+def draw_objects(
+    rng: np.random.Generator, rules: LayoutRules, pool: int, excluded: frozenset[int] = frozenset()
+) -> list[int]:
+    """How many objects and which: indices into a pool of `pool` objects, never one of
+    `excluded` (objects cut from this very background), distinct while the pool allows."""
     count = int(rng.integers(rules.min_objects, rules.max_objects + 1))
-    if count <= pool:
-        return [int(i) for i in rng.choice(pool, size=count, replace=False)]
-    return [int(i) for i in rng.integers(0, pool, size=count)]
+    allowed = np.setdiff1d(np.arange(pool), list(excluded)) if excluded else np.arange(pool)
+    if allowed.size == 0:
+        raise LayoutError("no object to paste: every object was cut from this background")
+    if count <= allowed.size:
+        return [int(i) for i in rng.choice(allowed, size=count, replace=False)]
+    return [int(i) for i in rng.choice(allowed, size=count, replace=True)]
 
 
 def scale_range(
