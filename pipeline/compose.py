@@ -363,12 +363,12 @@ def compose_batch(batch: pa.Table, config: ComposeConfig, objects: Any) -> pa.Ta
         try:
             if isinstance(drawn, Exception):
                 raise drawn
-            failed = [cutouts[j] for j in drawn if isinstance(cutouts[j], Exception)]
-            if failed:
-                raise failed[0]
             name = f"background {background_ids[i]!r}"
             data = _read(background_uris[i], name, options)
             background = to_rgb(upright(open_image(data, name, config.max_pixels)), name)
+            failed = [cutouts[j] for j in drawn if isinstance(cutouts[j], Exception)]
+            if failed:
+                raise failed[0]
             chosen = [cutouts[j] for j in drawn]
             placed, dropped = layout(generators[i], rules, chosen, background.shape[:2])  # type: ignore[arg-type]
             composite, labels, instances = paste(background, placed)
