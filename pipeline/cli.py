@@ -316,8 +316,7 @@ def _copy_paste_demo(
     root: Path, output: Path, model: str, model_dir: str | None, build_only: bool
 ) -> None:
     """The README's copy-paste recipe, command for command, on the bundled photos."""
-    from pipeline.compose_demo import build_copy_paste_inputs
-    from pipeline.query import QUALITY_FILTER
+    from pipeline.compose_demo import RECIPE_FILTER, RECIPE_RULES, build_copy_paste_inputs
 
     objects, backgrounds = build_copy_paste_inputs(str(root.resolve()))
     typer.echo(f"objects: {objects}\nbackgrounds: {backgrounds}")
@@ -327,17 +326,19 @@ def _copy_paste_demo(
         shutil.rmtree(output)
     out = output.resolve()
     typer.echo("\n$ harmonize compose ...")
+    rules = RECIPE_RULES
     compose_command(
-        objects=objects, backgrounds=backgrounds, output=str(out / "composed"), per_background=2,
-        min_objects=1, max_objects=2, scale=(0.35, 0.6), position="ground", horizon=0.75,
-        max_overlap=0.3, progress=False,
+        objects=objects, backgrounds=backgrounds, output=str(out / "composed"),
+        per_background=rules.per_background, min_objects=rules.min_objects,
+        max_objects=rules.max_objects, scale=rules.scale, position=rules.position,
+        horizon=rules.horizon, max_overlap=rules.max_overlap, progress=False,
     )  # fmt: skip
     typer.echo("\n$ harmonize run ...")
     run_command(manifest=str(out / "composed" / "manifest"), output=str(out / "harmonized"),
                 model=model, model_dir=model_dir, progress=False)  # fmt: skip
-    typer.echo(f'\n$ harmonize export --where "{QUALITY_FILTER}" ...')
+    typer.echo(f'\n$ harmonize export --where "{RECIPE_FILTER}" ...')
     try:
-        export_command(results=str(out / "harmonized"), where=QUALITY_FILTER,
+        export_command(results=str(out / "harmonized"), where=RECIPE_FILTER,
                        out=str(out / "train" / "instances.json"))  # fmt: skip
     finally:
         typer.echo("\n$ harmonize report --sheet 10 ...")
@@ -443,10 +444,21 @@ def runs_command(
 
 @app.command("schema")
 def schema_command() -> None:
-    """Print the manifest and results schemas with column descriptions."""
+    """Print the manifest and results schemas, and compose's, with column descriptions."""
     from schemas import MANIFEST_SCHEMA, RESULTS_SCHEMA
+    from schemas.compose import (
+        BACKGROUNDS_SCHEMA,
+        COMPOSE_ERROR_SCHEMA,
+        COMPOSITE_SCHEMA,
+        OBJECTS_SCHEMA,
+    )
 
-    for title, schema in (("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA)):
+    for title, schema in (
+        ("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA),
+        ("compose objects", OBJECTS_SCHEMA), ("compose backgrounds", BACKGROUNDS_SCHEMA),
+        ("composite manifest (compose's manifest/)", COMPOSITE_SCHEMA),
+        ("compose errors (compose's errors/)", COMPOSE_ERROR_SCHEMA),
+    ):  # fmt: skip
         typer.echo(f"{title}:")
         for field in schema:
             description = (field.metadata or {}).get(b"description", b"").decode()

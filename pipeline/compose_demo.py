@@ -8,6 +8,7 @@ and two manifests with relative URIs: `{root}/objects.parquet` (`object_id` =
 `{photo}_{object}`, `image_uri` the whole photo, `mask_uri`, `category` = the object's name)
 and `{root}/backgrounds.parquet` (the same five photos). Compose never pastes an object into
 the photo it was cut from, so every composite puts objects from other photos into a scene.
+Also the recipe's placement rules and filter, which `harmonize demo --copy-paste` uses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,19 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.demo import OBJECTS, load_photo, object_mask
+from pipeline.layout import LayoutRules
 from pipeline.storage import join, write_atomic
+
+# The recipe's placement (README "Copy-paste augmentation"): two composites per photo, one or
+# two objects standing in the lower quarter, at 35-60 % of the photo's height.
+RECIPE_RULES = LayoutRules(
+    per_background=2, min_objects=1, max_objects=2, scale=(0.35, 0.6), position="ground",
+    horizon=0.75, max_overlap=0.3,
+)  # fmt: skip
+# The recipe's filter: objects whose hue and structure harmonization kept. (The stricter
+# reference-free QUALITY_FILTER keeps none of Reinhard's outputs here: it recolours every
+# pasted object by a CIEDE2000 95th percentile of 15 or more.)
+RECIPE_FILTER = "abs(fg_hue_shift) < 30 AND fg_structure > 0.85"
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -43,7 +43,8 @@ class ExportSummary:
     where: str
     results_uri: str
     params_hash: str | None
-    selected: int
+    ok_samples: int  # samples with an ok result (of this parameter set)
+    selected: int  # of those, the ones `where` keeps
     images: int = 0
     annotations: int = 0
     categories: dict[str, int] = field(default_factory=dict)  # name -> annotations
@@ -52,8 +53,9 @@ class ExportSummary:
     def text(self) -> str:
         counts = ", ".join(f"{name} {n}" for name, n in self.categories.items())
         lines = [
-            f"exported {self.images} of {self.selected} selected samples where {self.where}: "
-            f"{self.annotations} annotations ({counts or 'none'})",
+            f"selected {self.selected} of {self.ok_samples} samples where {self.where}; "
+            f"exported {self.images} images, {self.annotations} annotations "
+            f"({counts or 'none'})",
             f"results: {self.results_uri} (params_hash {self.params_hash})",
             f"coco:    {self.out}",
         ]
@@ -113,7 +115,10 @@ def export_coco(
         "WHERE {where} ORDER BY sample_id",
         where,
     ).to_pylist()
-    summary = ExportSummary(absolute(out), where, results.uri, results.params_hash, len(rows))
+    ok_samples = results.connection.sql("SELECT count(*) FROM current").fetchall()[0][0]
+    summary = ExportSummary(
+        absolute(out), where, results.uri, results.params_hash, ok_samples, len(rows)
+    )
 
     def annotate(row: dict[str, Any]) -> tuple[dict[str, Any], list] | str:
         try:

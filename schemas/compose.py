@@ -37,6 +37,8 @@ BACKGROUND_FIELDS = [
     _field("background_id", pa.string(), "unique id of the background", nullable=False),
     _field("image_uri", pa.string(), "background image", nullable=False),
 ]
+OBJECTS_SCHEMA = pa.schema(OBJECT_FIELDS)
+BACKGROUNDS_SCHEMA = pa.schema(BACKGROUND_FIELDS)
 
 # One pasted object of a composite, as the finished composite shows it.
 INSTANCE_TYPE = pa.struct(

@@ -478,7 +478,7 @@ def test_compose_run_export_on_s3(
         ],
     )
     assert exported.exit_code == 0, exported.output
-    assert "exported 4 of 4 selected samples" in exported.output
+    assert "selected 4 of 4 samples where bg_psnr > 35; exported 4 images" in exported.output
     local = tmp_path / "instances.json"
     local.write_bytes(read_bytes(f"s3://{s3_bucket}/train/instances.json", s3))
     fs, path = filesystem(f"s3://{s3_bucket}/harmonized/results", s3)
@@ -562,3 +562,27 @@ def test_compose_refuses_bad_rules_and_inputs_before_any_work(tmp_path: Path) ->
     assert "column 'object_id' is null or empty in rows 3" in dup.output
     assert "duplicated value(s) 'a'" in dup.output
     assert not (tmp_path / "o").exists()
+
+
+def test_copy_paste_demo_prints_what_the_readme_shows(
+    ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`harmonize demo --copy-paste` on the bundled photos: the README shows its summary lines
+    (run ids, times and paths aside), so they must be what it prints."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["demo", "--copy-paste"])
+    assert result.exit_code == 0, result.output
+
+    def stable(line: str) -> str:
+        line = re.sub(r"\d{8}T\d{6}Z-[0-9a-f]{6}", "RUN", line)
+        line = re.sub(r"in [\d.]+ s( \([\d.]+ images/s\))?", "in T", line)
+        return re.sub(r"(report: )\S+ \([\d.]+ MB\)", r"\1PATH", line)
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = readme.split("### The recipe on the bundled photos", 1)[1].split("```\n", 2)[1]
+    printed = {stable(line) for line in result.output.splitlines()}
+    for line in shown.strip().splitlines():
+        assert stable(line) in printed, line
+    coco = COCO(str(tmp_path / "demo_output" / "train" / "instances.json"))
+    assert len(coco.getImgIds()) == 3 and len(coco.getAnnIds()) == 5
+    assert "Before / after" in (tmp_path / "demo_output" / "report.html").read_text()
