@@ -120,18 +120,20 @@ class ComposeConfig:
 # --- inputs (driver) -------------------------------------------------------------------------
 
 
-def _parquet_table(uri: str, columns: list[str], options: dict[str, Any]) -> tuple[pa.Table, str]:
+def _parquet_table(
+    what: str, uri: str, columns: list[str], options: dict[str, Any]
+) -> tuple[pa.Table, str]:
     """The given columns (those present) of a Parquet file or folder, and the folder relative
     URIs resolve against."""
     fs, path = filesystem(uri, options)
     if not fs.exists(path):
-        raise ManifestError(f"not found: {uri}")
+        raise ManifestError(f"{what}: not found: {uri}")
     if fs.isdir(path):
         files, base_dir = sorted(f for f in fs.find(path) if f.endswith(".parquet")), uri
     else:
         files, base_dir = [path], posixpath.dirname(uri)
     if not files:
-        raise ManifestError(f"{uri} holds no .parquet file")
+        raise ManifestError(f"{what}: {uri} holds no .parquet file")
     arrow_fs = to_pyarrow(fs)
     try:
         schemas = [pq.read_schema(f, filesystem=arrow_fs) for f in files]
@@ -142,7 +144,7 @@ def _parquet_table(uri: str, columns: list[str], options: dict[str, Any]) -> tup
             for f, s in zip(files, schemas)
         ]
     except pa.ArrowInvalid as exc:
-        raise ManifestError(f"{uri} is not readable Parquet: {exc}") from None
+        raise ManifestError(f"{what}: {uri} is not readable Parquet: {exc}") from None
     wanted = pa.schema([schema.field(c) for c in present])
     table = pa.concat_tables(
         [pa.table([t[c].cast(wanted.field(c).type) if c in t.column_names
@@ -177,7 +179,7 @@ def open_objects(config: ComposeConfig) -> pa.Table:
         if crowd:
             log.info("objects: %d crowd annotations of %s left out", crowd, uri)
     else:
-        table, base_dir = _parquet_table(uri, names, options)
+        table, base_dir = _parquet_table("objects", uri, names, options)
         table = _absolute_uris(table, base_dir, ("image_uri", "mask_uri"))
     validate_inputs(
         table, f"objects {uri}", "object_id", ("image_uri",), ("mask_uri", "segmentation")
@@ -193,7 +195,7 @@ def open_backgrounds(config: ComposeConfig) -> pa.Table:
     """`background_id`, `image_uri` (absolute), checked (raises `ManifestError`)."""
     uri = absolute(config.backgrounds)
     names = [f.name for f in BACKGROUND_FIELDS]
-    table, base_dir = _parquet_table(uri, names, config.storage_options)
+    table, base_dir = _parquet_table("backgrounds", uri, names, config.storage_options)
     validate_inputs(table, f"backgrounds {uri}", "background_id", ("image_uri",), ())
     table = _absolute_uris(table, base_dir, ("image_uri",))
     return table.select(names).cast(pa.schema([(n, pa.string()) for n in names]))

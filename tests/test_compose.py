@@ -562,6 +562,19 @@ def test_compose_refuses_bad_rules_and_inputs_before_any_work(tmp_path: Path) ->
     assert "column 'object_id' is null or empty in rows 3" in dup.output
     assert "duplicated value(s) 'a'" in dup.output
     assert not (tmp_path / "o").exists()
+    gone = runner.invoke(
+        app,
+        [
+            "compose",
+            "--objects",
+            str(tmp_path / "nothing.parquet"),
+            "--backgrounds",
+            backgrounds,
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert gone.exit_code == 2 and f"objects: not found: {tmp_path}/nothing.parquet" in gone.output
 
 
 def test_copy_paste_demo_prints_what_the_readme_shows(
