@@ -284,6 +284,15 @@ def demo_command(
     model: ModelArg = "reinhard",
     model_dir: ModelDirArg = None,
     build_only: Annotated[bool, typer.Option(help="Only build the dataset.")] = False,
+    copy_paste: Annotated[
+        bool,
+        typer.Option(
+            "--copy-paste",
+            help="The copy-paste recipe instead: objects cut from the photos pasted into the "
+            "others (compose), harmonized (run), filtered and exported to COCO (export), and a "
+            "report with a before/after contact sheet.",
+        ),
+    ] = False,
 ) -> None:
     """Build the bundled demo dataset (scikit-image photos) and harmonize it on local Ray.
 
@@ -291,6 +300,9 @@ def demo_command(
     """
     from pipeline.demo import build_demo
 
+    if copy_paste:
+        _copy_paste_demo(root, output, model, model_dir, build_only)
+        return
     manifest = build_demo(str(root.resolve()))
     typer.echo(f"demo dataset: {manifest}")
     if build_only:
@@ -298,6 +310,40 @@ def demo_command(
     if output.exists():  # the demo starts afresh; a re-run would skip every done sample
         shutil.rmtree(output)
     run_command(manifest=manifest, output=str(output.resolve()), model=model, model_dir=model_dir)
+
+
+def _copy_paste_demo(
+    root: Path, output: Path, model: str, model_dir: str | None, build_only: bool
+) -> None:
+    """The README's copy-paste recipe, command for command, on the bundled photos."""
+    from pipeline.compose_demo import RECIPE_FILTER, RECIPE_RULES, build_copy_paste_inputs
+
+    objects, backgrounds = build_copy_paste_inputs(str(root.resolve()))
+    typer.echo(f"objects: {objects}\nbackgrounds: {backgrounds}")
+    if build_only:
+        return
+    if output.exists():  # the demo starts afresh; a re-run would skip every done composite
+        shutil.rmtree(output)
+    out = output.resolve()
+    typer.echo("\n$ harmonize compose ...")
+    rules = RECIPE_RULES
+    compose_command(
+        objects=objects, backgrounds=backgrounds, output=str(out / "composed"),
+        per_background=rules.per_background, min_objects=rules.min_objects,
+        max_objects=rules.max_objects, scale=rules.scale, position=rules.position,
+        horizon=rules.horizon, max_overlap=rules.max_overlap, progress=False,
+    )  # fmt: skip
+    typer.echo("\n$ harmonize run ...")
+    run_command(manifest=str(out / "composed" / "manifest"), output=str(out / "harmonized"),
+                model=model, model_dir=model_dir, progress=False)  # fmt: skip
+    typer.echo(f'\n$ harmonize export --where "{RECIPE_FILTER}" ...')
+    try:
+        export_command(results=str(out / "harmonized"), where=RECIPE_FILTER,
+                       out=str(out / "train" / "instances.json"))  # fmt: skip
+    finally:
+        typer.echo("\n$ harmonize report --sheet 10 ...")
+        report_command(results=str(out / "harmonized"), out=str(out / "report.html"), sheet=10,
+                       count=3)  # fmt: skip
 
 
 @model_app.command("check")
@@ -398,10 +444,21 @@ def runs_command(
 
 @app.command("schema")
 def schema_command() -> None:
-    """Print the manifest and results schemas with column descriptions."""
+    """Print the manifest and results schemas, and compose's, with column descriptions."""
     from schemas import MANIFEST_SCHEMA, RESULTS_SCHEMA
+    from schemas.compose import (
+        BACKGROUNDS_SCHEMA,
+        COMPOSE_ERROR_SCHEMA,
+        COMPOSITE_SCHEMA,
+        OBJECTS_SCHEMA,
+    )
 
-    for title, schema in (("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA)):
+    for title, schema in (
+        ("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA),
+        ("compose objects", OBJECTS_SCHEMA), ("compose backgrounds", BACKGROUNDS_SCHEMA),
+        ("composite manifest (compose's manifest/)", COMPOSITE_SCHEMA),
+        ("compose errors (compose's errors/)", COMPOSE_ERROR_SCHEMA),
+    ):  # fmt: skip
         typer.echo(f"{title}:")
         for field in schema:
             description = (field.metadata or {}).get(b"description", b"").decode()
@@ -566,6 +623,147 @@ def select_command(
         typer.secho("warning: no sample matched; the manifest is empty", err=True)
 
 
+@app.command("compose")
+def compose_command(
+    objects: Annotated[
+        str,
+        typer.Option(
+            help="Objects manifest (Parquet: object_id, image_uri, mask_uri or segmentation, "
+            "category) or a COCO instances JSON."
+        ),
+    ],
+    backgrounds: Annotated[
+        str, typer.Option(help="Backgrounds manifest (Parquet: background_id, image_uri).")
+    ],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", "-o", help="Output prefix: composites/, masks/, instances/, manifest/."
+        ),
+    ],
+    per_background: Annotated[int, typer.Option(help="Composites made from each background.")] = 1,
+    min_objects: Annotated[int, typer.Option(help="Fewest objects pasted per composite.")] = 1,
+    max_objects: Annotated[int, typer.Option(help="Most objects pasted per composite.")] = 1,
+    scale: Annotated[
+        tuple[float, float],
+        typer.Option(help="Pasted height / background height: MIN MAX (uniform)."),
+    ] = (0.3, 0.6),
+    position: Annotated[
+        str, typer.Option(help="uniform, or ground (bottom edges below --horizon).")
+    ] = "uniform",
+    horizon: Annotated[
+        float, typer.Option(help="--position ground: bottoms lie below this fraction of height.")
+    ] = 0.5,
+    keep_inside: Annotated[
+        bool,
+        typer.Option(
+            "--keep-inside/--no-keep-inside",
+            help="Objects stay wholly inside (else centred anywhere, cut by the border).",
+        ),
+    ] = True,
+    max_overlap: Annotated[
+        float, typer.Option(help="Largest fraction of a pasted object that later ones may hide.")
+    ] = 0.3,
+    flip: Annotated[float, typer.Option(help="Probability of a horizontal flip.")] = 0.5,
+    attempts: Annotated[
+        int, typer.Option(help="Positions tried per object before it is left out.")
+    ] = 20,
+    seed: Annotated[int, typer.Option(help="Run seed; each composite's from it and its id.")] = 0,
+    coco_images: Annotated[
+        str | None,
+        typer.Option(help="Folder of a COCO JSON's images (default: the JSON's folder)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Composites per task.")] = 16,
+    max_pixels: MaxPixelsArg = 64_000_000,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+    run_id: RunIdArg = None,
+    progress: ProgressArg = True,
+    num_cpus: NumCpusArg = None,
+    ray_address: RayAddressArg = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="On a failed run, print the whole traceback too.")
+    ] = False,
+) -> None:
+    """Paste objects into backgrounds: composites, their masks, instance masks and a manifest
+    that `harmonize run` reads as it is.
+
+    Every choice is drawn from a seed derived from --seed and the composite's id, so a rerun
+    makes the same composites; rerunning into the same --output makes only the missing ones.
+    """
+    from pipeline.compose import ComposeConfig, compose
+    from pipeline.layout import LayoutRules
+    from pipeline.preflight import PreflightError, storage_failure
+    from schemas.manifest import ManifestError
+
+    rules = LayoutRules(
+        per_background=per_background, min_objects=min_objects, max_objects=max_objects,
+        scale=scale, position=position, horizon=horizon, keep_inside=keep_inside,  # type: ignore[arg-type]
+        max_overlap=max_overlap, flip=flip, attempts=attempts,
+    )  # fmt: skip
+    if rules.problems():
+        raise typer.BadParameter("; ".join(rules.problems()))
+    extra: dict[str, Any] = {"run_id": run_id} if run_id else {}
+    config = ComposeConfig(
+        objects=objects, backgrounds=backgrounds, output=output, rules=rules, seed=seed,
+        coco_images=coco_images, batch_size=batch_size, max_pixels=max_pixels,
+        storage_options=parse_storage_options(storage_option, endpoint_url),
+        ray_address=ray_address, num_cpus=num_cpus, show_progress=progress, **extra,
+    )  # fmt: skip
+    try:
+        with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
+            summary = compose(config)
+    except (ManifestError, PreflightError) as exc:  # found before any work
+        _fail(exc, 2)
+    except Exception as exc:  # storage failing mid-run: one line
+        line = storage_failure(exc)
+        if line is None:
+            raise
+        if verbose:
+            traceback.print_exception(exc)
+        _fail(line, 1)
+    typer.echo(summary.text())
+
+
+@app.command("export")
+def export_command(
+    results: ResultsArg,
+    where: Annotated[
+        str,
+        typer.Option(help='SQL condition over the results columns, e.g. "bg_psnr > 35" ("true").'),
+    ],
+    out: Annotated[str, typer.Option("--out", help="COCO instances JSON to write (path or URI).")],
+    params_hash: ParamsHashArg = None,
+    workers: Annotated[int, typer.Option(help="Threads reading masks and images.")] = 16,
+    storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
+    endpoint_url: EndpointArg = None,
+) -> None:
+    """Harmonized composites (from `harmonize compose`) matching --where -> COCO instances JSON.
+
+    Images are the harmonized ones, by URI; masks are RLE from the instance masks compose
+    wrote; categories from the objects manifest. Samples that cannot be annotated are listed
+    and left out (exit 1).
+    """
+    from pipeline.export import export_coco
+    from pipeline.query import QueryError
+
+    options = parse_storage_options(storage_option, endpoint_url)
+    try:
+        summary = export_coco(results, where, out, options, params_hash=params_hash,
+                              workers=workers)  # fmt: skip
+    except QueryError as exc:
+        _fail(exc, 2)
+    typer.echo(summary.text())
+    if summary.left_out:
+        typer.secho(
+            f"error: {len(summary.left_out)} of {summary.selected} samples left out of "
+            f"{summary.out} (listed above)",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
 @app.command("stats")
 def stats_command(
     results: ResultsArg,
@@ -599,6 +797,10 @@ def report_command(
     where: Annotated[str | None, typer.Option(help="Only the samples matching this.")] = None,
     params_hash: ParamsHashArg = None,
     thumbnail_size: Annotated[int, typer.Option(help="Longest thumbnail side in px.")] = 192,
+    sheet: Annotated[
+        int,
+        typer.Option(help="Contact sheet: this many samples' composite and harmonized output."),
+    ] = 0,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
 ) -> None:
@@ -610,7 +812,7 @@ def report_command(
     try:
         summary = build_report(
             results, out, options, metric=metric, count=count, seed=seed, where=where,
-            params_hash=params_hash, thumbnail_size=thumbnail_size,
+            params_hash=params_hash, thumbnail_size=thumbnail_size, sheet=sheet,
         )  # fmt: skip
     except QueryError as exc:
         _fail(exc, 2)

@@ -7,7 +7,8 @@ the run's counts and per-metric quantiles, a histogram of each metric (inline SV
 there is ground truth a scatter of composite MSE against output MSE (points above the
 diagonal got worse), and composite / harmonized / mask (/ real) thumbnails with the
 difference |harmonized - composite| amplified (JPEG as base64 data URIs) of the best, the
-worst and a random sample by the ranking metric.
+worst and a random sample by the ranking metric; with `sheet`, a contact sheet: the first
+`sheet` samples by id, each composite next to its harmonized output.
 
 Nothing is loaded from elsewhere: a Content-Security-Policy allows only data: images,
 inline styles and the one inline script (by its hash). That script records on <body> how
@@ -72,6 +73,7 @@ th:first-child,td:first-child{text-align:left}
 .sample{border:1px solid #ddd;margin:8px 0;padding:8px}
 .thumbs{display:flex;gap:8px;flex-wrap:wrap}figure{margin:0}
 figcaption{font-size:12px;color:#555}.meta{font-size:13px;margin-bottom:4px}
+.sheet{display:flex;flex-wrap:wrap;gap:8px}.pair img{display:inline-block;margin-right:2px}
 .missing{width:160px;height:120px;background:#fee;color:#a00;font-size:12px;padding:4px;
 overflow:hidden}.note{color:#555}code{background:#f4f4f4;padding:0 3px}
 """
@@ -346,6 +348,32 @@ def _stats_html(stats: Stats) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _sheet_html(
+    rows: list[dict[str, Any]], loaded: dict[tuple[str, str], tuple], metric: str | None
+) -> str:
+    """The contact sheet: per sample, its composite and its harmonized output side by side."""
+    cells = []
+    for row in rows:
+        sid = row["sample_id"]
+        pictures = []
+        for kind in ("composite", "harmonized"):
+            image, error, _ = loaded[(sid, kind)]
+            pictures.append(
+                f'<img src="{image}" alt="{kind} of {_esc(sid)}">'
+                if image
+                else f'<div class="missing">{kind} not shown: {_esc(error)}</div>'
+            )
+        value = row.get(metric) if metric else None
+        caption = _esc(sid) + (
+            f": {_esc(metric)} {_esc(format_number(value))}" if value is not None else ""
+        )
+        cells.append(
+            f'<figure class="pair" data-pair-id="{_esc(sid)}">{"".join(pictures)}'
+            f"<figcaption>{caption} (composite, harmonized)</figcaption></figure>"
+        )
+    return f'<div class="sheet">{"".join(cells)}</div>'
+
+
 def _sample_html(
     row: dict[str, Any],
     images: dict[str, str | None],
@@ -388,6 +416,7 @@ def build_report(
     where: str | None = None,
     thumbnail_size: int = 192,
     workers: int = 16,
+    sheet: int = 0,
 ) -> ReportSummary:
     """Write the report page to `out`; see the top of the file."""
     options = storage_options or {}
@@ -405,9 +434,20 @@ def build_report(
         metric = next((m for m in DEFAULT_RANKING if stats.metrics.get(m, {}).get("count")), None)
     histograms = _histograms(results, where)
     sections = _picks(results, metric, max(1, count), seed, where)
+    sheet_rows = []
+    if sheet > 0:
+        ranked = f", {quote_identifier(metric)}" if metric else ""
+        sheet_rows = results.query(
+            f"SELECT sample_id, composite_uri, output_uri{ranked} FROM current WHERE {{where}} "
+            f"ORDER BY sample_id LIMIT {int(sheet)}",
+            where,
+        ).to_pylist()
 
     # Fetch each picked sample's images once (a sample can be in several sections).
     wanted: dict[tuple[str, str], str] = {}
+    for row in sheet_rows:
+        wanted[(row["sample_id"], "composite")] = row["composite_uri"]
+        wanted[(row["sample_id"], "harmonized")] = row["output_uri"]
     for _, rows in sections:
         for row in rows:
             for column, kind in IMAGE_KINDS:
@@ -466,6 +506,12 @@ def build_report(
         else ""
     )
     condition = f"; where <code>{_esc(where)}</code>" if where else ""
+    sheet_html = ""
+    if sheet_rows:
+        sheet_html = (
+            f'<h2>Before / after</h2><p class="note">{len(sheet_rows)} of {stats.samples} '
+            f"samples, by sample_id</p>{_sheet_html(sheet_rows, loaded, metric)}"
+        )
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     ran_on = ", ".join(f"{d} ({n})" for d, n in stats.devices.items()) or "not recorded"
     page = f"""<!DOCTYPE html>
@@ -487,6 +533,7 @@ generated {now}</p>
 {absent}
 {_histograms_html(histograms, stats)}
 {_scatter_html(results, where)}
+{sheet_html}
 <h2>Samples{ranking}</h2>
 {"".join(body)}
 </body></html>
