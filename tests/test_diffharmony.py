@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from official_cvae import official_decode_with_cond
 from tiny_checkpoint import write_tiny_model_dir
 
 from pipeline.config import ModelConfig
 from pipeline.models import HarmonizeBatch, load_harmonizer
+from pipeline.models.condition_vae import ConditionVAE
 from pipeline.models.diffharmony import DiffHarmonyHarmonizer, euler_ancestral_step
 from pipeline.models.loading import (
     MANIFEST,
@@ -195,7 +197,15 @@ def _reference_stage1(
         )
         noise_pred = unet(model_input, t, encoder_hidden_states=prompt_embeds).sample
         latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
-    image = vae.decode(latents / vae.config.scaling_factor).sample
+    if isinstance(vae, ConditionVAE):
+        # The official pipeline with a ConditionVAE: decode_with_cond(latents / scaling_factor,
+        # cat([image, mask]), generator, sample_posterior=True), after the loop's draws.
+        condition = torch.cat([composite, mask], dim=1)
+        image = official_decode_with_cond(
+            vae, latents / vae.config.scaling_factor, condition, generator
+        )
+    else:
+        image = vae.decode(latents / vae.config.scaling_factor).sample
     return (image / 2 + 0.5).clamp(0, 1)
 
 
@@ -213,6 +223,45 @@ def test_stage1_equals_a_step_by_step_diffusers_reference(
             harmonizer, tiny_dir, composite[i : i + 1], mask[i : i + 1], seed
         )
         assert (batched[i : i + 1] - reference).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def harmony_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("cvae") / "model", harmony_vae=True)
+
+
+@torch.inference_mode()
+def test_harmony_vae_stage1_is_the_official_pipelines_at_batch_1(
+    harmony_vae_dir: Path, harmonizer: DiffHarmonyHarmonizer
+) -> None:
+    """DiffHarmony++: the same loop, then decode_with_cond as the official code orders it (its
+    posterior drawn from the sample's generator after the last ancestral draw). fp32, batch 1:
+    identical to the last bit."""
+    model = load_harmonizer(_config(harmony_vae_dir))
+    assert isinstance(model, DiffHarmonyHarmonizer) and isinstance(model.vae, ConditionVAE)
+    skips = [p for n, p in model.vae.named_parameters() if "skip_conv" in n]
+    assert skips and all(torch.count_nonzero(p) == p.numel() for p in skips)
+    generator = torch.Generator().manual_seed(6)
+    composite = torch.rand(2, 3, RESOLUTION, RESOLUTION, generator=generator) * 2 - 1
+    mask = (torch.rand(2, 1, RESOLUTION, RESOLUTION, generator=generator) > 0.5).float()
+    for i, seed in enumerate((7, 8)):
+        sample = composite[i : i + 1], mask[i : i + 1]
+        ours = model.stage1(*sample, [torch.Generator().manual_seed(seed)])
+        assert torch.equal(ours, _reference_stage1(model, harmony_vae_dir, *sample, seed))
+        # Same UNet, text side and scheduler as the plain folder: only the decoding differs.
+        plain = harmonizer.stage1(*sample, [torch.Generator().manual_seed(seed)])
+        assert (ours - plain).abs().max() > 1e-2
+    assert model.fingerprint != harmonizer.fingerprint
+
+
+def test_harmony_vae_output_does_not_depend_on_its_batch(harmony_vae_dir: Path) -> None:
+    model = load_harmonizer(_config(harmony_vae_dir))
+    alone = model.harmonize(_batch(["a"]))[0]
+    _assert_same_pixels(model.harmonize(_batch(["b", "a", "c"]))[1], alone)
+    _assert_same_pixels(model.harmonize(_batch(["c", "a"]))[1], alone)
+    composite, mask = SAMPLES["a"]
+    background = mask.expand_as(composite) < 0.5
+    assert torch.equal(alone[background], composite[background])  # carried back as before
 
 
 def test_euler_ancestral_step_is_the_schedulers_step_bit_for_bit(

@@ -133,13 +133,59 @@ def _modules(seed: int = 0) -> dict[str, torch.nn.Module]:
         # Random init leaves the refiner's output tiny next to its residual; scale it up so the
         # tests can see stage 2 at work.
         refiner.conv_out.weight.data.mul_(20.0)
-    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "refiner": refiner}
+        # DiffHarmony++: the Harmony-VAE, and the inverse model's own UNet and Harmony-VAE
+        # (the release's diffharmony-gen and cvae-gen: same architectures, other weights).
+        condition_vae = _condition_vae(vae)
+        inverse_unet = UNet2DConditionModel.from_config(unet.config)
+        inverse_condition_vae = _condition_vae(vae)
+    return {
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "unet": unet,
+        "refiner": refiner,
+        "condition_vae": condition_vae,
+        "inverse_unet": inverse_unet,
+        "inverse_condition_vae": inverse_condition_vae,
+    }
 
 
-def write_tiny_model_dir(root: Path, *, safetensors: bool = True, seed: int = 0) -> Path:
+def _condition_vae(vae: torch.nn.Module) -> torch.nn.Module:
+    """A Harmony-VAE made from the tiny VAE as the official `ConditionVAE.from_vae` makes it
+    (encoder, decoder, quant convs; the conditional encoder from the encoder), then "trained":
+    every weight perturbed, and the zero-initialised skips and `add_conv_in` random and
+    non-zero, so that tests can see each of them (draws from the caller's RNG state)."""
+    from pipeline.models.condition_vae import ConditionVAE
+
+    shared = (
+        "in_channels out_channels down_block_types up_block_types block_out_channels "
+        "layers_per_block act_fn latent_channels norm_num_groups sample_size scaling_factor"
+    ).split()
+    condition_vae = ConditionVAE(**{k: vae.config[k] for k in shared}, additional_in_channels=1)
+    condition_vae.load_state_dict(vae.state_dict(), strict=False)
+    condition_vae.conditional_encoder.load_state_dict(vae.encoder.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, parameter in condition_vae.named_parameters():
+            if "skip_conv" in name or "add_conv_in" in name:
+                parameter.copy_(torch.randn(parameter.shape) * 0.1)
+                parameter.add_(parameter.sign() * 0.02)  # no weight exactly 0
+            else:
+                parameter.mul_(1 + 0.05 * torch.randn(parameter.shape))
+    return condition_vae
+
+
+def write_tiny_model_dir(
+    root: Path,
+    *,
+    safetensors: bool = True,
+    seed: int = 0,
+    harmony_vae: bool = False,
+    direction: str = "forward",
+) -> Path:
     """Write the tiny model directory under `root` and return `root`.
 
     safetensors=False stores every weight file as a pickled `.bin` instead (for the refusal test).
+    harmony_vae=True puts DiffHarmony++'s Harmony-VAE (a `ConditionVAE`) in vae/;
+    direction="inverse" the inverse model (diffharmony-gen's UNet, cvae-gen's Harmony-VAE).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -148,7 +194,14 @@ def write_tiny_model_dir(root: Path, *, safetensors: bool = True, seed: int = 0)
     (root / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(SD_INPAINTING_SCHEDULER, indent=2)
     )
-    modules = _modules(seed)
+    made = _modules(seed)
+    prefix = "inverse_" if direction == "inverse" else ""
+    modules = {
+        "text_encoder": made["text_encoder"],
+        "vae": made[f"{prefix}condition_vae"] if harmony_vae else made["vae"],
+        "unet": made[f"{prefix}unet"],
+        "refiner": made["refiner"],
+    }
     for name, module in modules.items():
         module.save_pretrained(root / name)  # type: ignore[operator]
     if not safetensors:
@@ -369,9 +422,11 @@ def write_official_download(root: Path, seed: int = 0) -> dict[str, Path]:
       9-channel unet/ and vae/ as decoys), tokenizer/ with vocab.json + merges.txt, the text
       encoder in transformers 4.x's names as model.safetensors and pytorch_model.bin;
     - sd-vae-ft-mse/: config.json of diffusers 0.4, pre-0.14 attention names, .bin + .safetensors;
-    - DiffHarmony/: the extracted release, nested: the stage-1 UNet and the refiner as pickled
-      .bin, and a DiffHarmony++ ConditionVAE folder.
-    Assembled, they make the same model as `write_tiny_model_dir(seed=seed)`.
+    - DiffHarmony/: the extracted release, nested, every weight a pickled .bin: the stage-1
+      UNet, the refiner, DiffHarmony++'s Harmony-VAE (cvae/) and the inverse model's UNet and
+      Harmony-VAE (diffharmony-gen/, cvae-gen/).
+    Assembled, they make the same model as `write_tiny_model_dir(seed=seed, ...)` with the
+    same `harmony_vae` and `direction`.
     """
     root = Path(root)
     modern = write_tiny_model_dir(root / ".modern", seed=seed)
@@ -413,15 +468,19 @@ def write_official_download(root: Path, seed: int = 0) -> dict[str, Path]:
     release = root / "DiffHarmony"
     stage1 = release / "pretrained" / "diffharmony" / "unet"
     refiner = release / "pretrained" / "refinement" / "base" / "unet"
-    cvae = release / "pretrained" / "cvae" / "vae"
     shutil.copytree(modern / "unet", stage1)
     shutil.copytree(modern / "refiner", refiner)
-    shutil.copytree(modern / "vae", cvae)
-    for folder in (stage1, refiner, cvae):
+    # DiffHarmony++: the Harmony-VAE, and the inverse model ("gen" folders).
+    modules = _modules(seed)
+    extra = {
+        release / "pretrained" / "cvae" / "vae": modules["condition_vae"],
+        release / "pretrained" / "diffharmony-gen" / "unet": modules["inverse_unet"],
+        release / "pretrained" / "cvae-gen" / "vae": modules["inverse_condition_vae"],
+    }
+    for folder, module in extra.items():
+        module.save_pretrained(folder)  # type: ignore[operator]
+    for folder in (stage1, refiner, *extra):
         pickled(folder)
-    cvae_config = json.loads((cvae / "config.json").read_text())
-    cvae_config |= {"_class_name": "ConditionVAE", "additional_in_channels": 1}
-    (cvae / "config.json").write_text(json.dumps(cvae_config, indent=2))
     shutil.rmtree(modern)
     return {"inpainting": inpainting, "vae": vae, "diffharmony": release}
 

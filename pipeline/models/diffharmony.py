@@ -18,6 +18,12 @@ refiner at `output_resolution` on cat([stage-1, mask, composite]). Differences, 
   whole batch); it is the same arithmetic as `EulerAncestralDiscreteScheduler.step` and the tests
   check it against that method;
 - PyTorch SDPA attention instead of xformers; fp32 on CPU (the official script runs fp16 only).
+
+DiffHarmony++'s Harmony-VAE (`vae/config.json` saying "ConditionVAE") decodes as the official
+pipeline's `decode_with_cond`: the condition cat([composite in [-1, 1], mask]) at the working
+resolution goes through its conditional encoder, whose posterior is sampled with the sample's
+generator after the last ancestral draw; the decoder takes that latent (through
+`latent_skip_conv`) and the conditional encoder's skip features.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from pipeline.config import ModelConfig
 from pipeline.imaging import binarize, resize, resize_each
 from pipeline.models.base import HarmonizeBatch, Harmonizer, fingerprint_of, resolve_dtype
+from pipeline.models.condition_vae import CONDITION_VAE_CLASS_NAME, ConditionVAE
 from pipeline.models.loading import ModelDirError, load_components
 
 FINGERPRINT_VERSION = "diffharmony-v1"
@@ -69,6 +76,8 @@ class DiffHarmonyHarmonizer(Harmonizer):
         self.scheduler = components.scheduler
         self.refiner = components.refiner
         self.empty_prompt_embeds = components.empty_prompt_embeds  # (1, 77, D)
+        # DiffHarmony++'s Harmony-VAE decodes with the input's help (`condition_vae.py`).
+        self.harmony_vae = isinstance(self.vae, ConditionVAE)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if config.resolution % self.vae_scale_factor != 0:
             raise ValueError(
@@ -86,6 +95,8 @@ class DiffHarmonyHarmonizer(Harmonizer):
             # CPU and CUDA generators draw different numbers from the same seed.
             "device_type": self.device.type,
         }
+        if self.harmony_vae:  # (absent for the plain VAE: earlier fingerprints stay valid)
+            settings["decoder"] = CONDITION_VAE_CLASS_NAME
         self._fingerprint = fingerprint_of(
             FINGERPRINT_VERSION,
             json.dumps(components.checksums, sort_keys=True),
@@ -176,7 +187,24 @@ class DiffHarmonyHarmonizer(Harmonizer):
             # Random draw 3 + i: the ancestral noise of this step.
             latents = euler_ancestral_step(noise_pred, latents, sigma, sigma_next, generators)
 
-        image = self.vae.decode(latents / scaling_factor, return_dict=False)[0]  # (B, 3, R, R)
+        if self.harmony_vae:
+            # DiffHarmony++'s decode_with_cond: the input image and mask encoded by the
+            # Harmony-VAE's conditional encoder, its posterior sampled by random draw
+            # 3 + steps (after the last ancestral draw), its features helping the decoder.
+            condition = torch.cat([composite, mask], dim=1)  # (B, 4, R, R)
+            posterior, features = self.vae.encode_condition(condition)
+            condition_noise = randn_tensor(
+                posterior.mean.shape,
+                generator=generators,
+                device=self.device,
+                dtype=posterior.mean.dtype,
+            )
+            condition_latent = posterior.mean + posterior.std * condition_noise  # (B, 4, h, w)
+            image = self.vae.decode_with_condition(
+                latents / scaling_factor, condition_latent, features
+            )  # (B, 3, R, R)
+        else:
+            image = self.vae.decode(latents / scaling_factor, return_dict=False)[0]  # (B, 3, R, R)
         return (image / 2 + 0.5).clamp(0, 1).float()
 
     @torch.inference_mode()

@@ -12,6 +12,7 @@ Expected layout (the official release's components, in diffusers folder layout):
       text_encoder/  CLIPTextModel config.json + weights                          SD inpainting
       scheduler/     scheduler_config.json                                        SD inpainting
       vae/           AutoencoderKL config.json + weights                          sd-vae-ft-mse
+                     (or ConditionVAE: DiffHarmony++'s Harmony-VAE, the release's cvae)
       unet/          UNet2DConditionModel, in_channels 9                          DiffHarmony
       refiner/       stage-2 UNet2DCustom, in_channels 3/4/7                      DiffHarmony
       empty_prompt_embeds.safetensors  optional: key "prompt_embeds", (1, 77, D); when present,
@@ -51,6 +52,7 @@ from typing import Any
 
 import torch
 
+from pipeline.models.condition_vae import CONDITION_VAE_CLASS_NAME, ConditionVAE
 from pipeline.models.refiner import OFFICIAL_CLASS_NAME, RefinerUNet
 
 logger = logging.getLogger(__name__)
@@ -460,10 +462,27 @@ def _load_scheduler(root: Path) -> tuple[Any | None, list[ModelDirError]]:
 def _load_vae(
     root: Path, *, dtype: torch.dtype, allow_unsafe_pickle: bool
 ) -> tuple[Any | None, list[ModelDirError]]:
+    """sd-vae-ft-mse's AutoencoderKL, or DiffHarmony++'s Harmony-VAE when vae/config.json names
+    the class "ConditionVAE" (as the release's cvae folders do)."""
     from diffusers import AutoencoderKL
 
+    vae_class: Any = AutoencoderKL
+    if (root / VAE / "config.json").is_file():
+        config, problems = _read_config(root / VAE / "config.json", VAE)
+        if config is None:
+            return None, problems
+        if config.get("_class_name") == CONDITION_VAE_CLASS_NAME:
+            vae_class = ConditionVAE
+            extra = config.get("additional_in_channels", 1)
+            if extra != 1:
+                return None, [
+                    ModelDirError(
+                        f"{VAE}/: a {CONDITION_VAE_CLASS_NAME} with additional_in_channels "
+                        f"{extra}; DiffHarmony++'s Harmony-VAE takes 1 (the mask)"
+                    )
+                ]
     vae, problems = _load_pretrained(
-        AutoencoderKL,
+        vae_class,
         root / VAE,
         VAE,
         DIFFUSERS,
@@ -853,7 +872,7 @@ class DiffHarmonyComponents:
 
     root: Path
     unet: Any  # diffusers UNet2DConditionModel, in_channels 9
-    vae: Any  # diffusers AutoencoderKL
+    vae: Any  # diffusers AutoencoderKL, or a ConditionVAE (Harmony-VAE)
     scheduler: Any  # diffusers EulerAncestralDiscreteScheduler
     refiner: RefinerUNet | None
     empty_prompt_embeds: torch.Tensor  # (1, 77, D)
