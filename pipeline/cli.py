@@ -377,10 +377,16 @@ def model_assemble_command(
             "text_encoder/ and scheduler/ are taken."
         ),
     ],
-    vae: Annotated[str, typer.Option(help="The sd-vae-ft-mse folder (path or URI).")],
     out: Annotated[
         str, typer.Option(help="Where the model directory goes (path or URI; absent or empty).")
     ],
+    vae: Annotated[
+        str | None,
+        typer.Option(
+            help="The sd-vae-ft-mse folder (path or URI): vae/ when the release holds no "
+            "Harmony-VAE for the model, or with --plain-vae."
+        ),
+    ] = None,
     diffharmony: Annotated[
         str | None,
         typer.Option(
@@ -394,15 +400,40 @@ def model_assemble_command(
     refiner: Annotated[
         str | None, typer.Option(help="The refiner folder, when the release holds several.")
     ] = None,
+    harmony_vae: Annotated[
+        str | None,
+        typer.Option(
+            help="The Harmony-VAE folder (DiffHarmony++ ConditionVAE), when the release holds "
+            "several for the model."
+        ),
+    ] = None,
+    plain_vae: Annotated[
+        bool,
+        typer.Option(
+            "--plain-vae",
+            help="Decode with --vae's AutoencoderKL even if the release holds a "
+            "Harmony-VAE (DiffHarmony as first published).",
+        ),
+    ] = False,
+    direction: Annotated[
+        str,
+        typer.Option(
+            help="forward: the harmonization model; inverse: the inverse model that makes new "
+            "composites (the release's 'gen' folders: diffharmony-gen, cvae-gen), for "
+            "`harmonize run --direction inverse`."
+        ),
+    ] = "forward",
     allow_unsafe_pickle: PickleArg = False,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
 ) -> None:
     """Build a DiffHarmony model directory from the downloads, check it, and say what came from
     where: safetensors only (pickles converted with --allow-unsafe-pickle), the empty prompt
-    precomputed, MODEL_CARD.md with the sources and every file's sha256."""
+    precomputed, MODEL_CARD.md with the sources and every file's sha256. The release's
+    Harmony-VAE decodes when it holds one (--plain-vae for sd-vae-ft-mse)."""
     from pipeline.models.assemble import AssembleError, assemble
 
+    _check_choice("--direction", direction, ("forward", "inverse"))
     try:
         report = assemble(
             inpainting=inpainting,
@@ -411,6 +442,9 @@ def model_assemble_command(
             diffharmony=diffharmony,
             unet=unet,
             refiner=refiner,
+            harmony_vae=harmony_vae,
+            direction=direction,
+            plain_vae=plain_vae,
             allow_unsafe_pickle=allow_unsafe_pickle,
             storage_options=parse_storage_options(storage_option, endpoint_url),
         )

@@ -17,6 +17,8 @@ ModelName = Literal["reinhard", "diffharmony", "identity"]
 ImageFormat = Literal["png", "jpg", "webp"]
 OutputSize = Literal["input", "model"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
+# forward: harmonize a composite; inverse: make a composite from a real image (DiffHarmony++).
+Direction = Literal["forward", "inverse"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,26 @@ class ModelConfig:
     allow_unsafe_pickle: bool = False
     # Local folder for models copied from remote URIs (one copy per node).
     cache_dir: str | None = None
+    # "inverse": the input is the real image (`real_uri`) and the model an inverse one (the
+    # release's diffharmony-gen): the output is a new composite whose foreground no longer
+    # matches its background. Stage 1 only, as the official inverse script.
+    direction: Direction = "forward"
+
+    def __post_init__(self) -> None:
+        if self.direction == "inverse" and self.refine:
+            raise ValueError(
+                "inverse harmonization runs stage 1 only, as the official inverse.py: no refiner"
+            )
 
     def output_params(self) -> dict[str, Any]:
         """The parameters that change the output pixels (recorded per result row)."""
         params = dataclasses.asdict(self)
         for key in ("model_dir", "device", "allow_unsafe_pickle", "cache_dir"):
             params.pop(key)
+        if self.direction == "forward":
+            # Absent as before the inverse direction existed: earlier runs' params_hash, and so
+            # resume across the upgrade, stay valid.
+            params.pop("direction")
         return params
 
 
@@ -82,9 +98,21 @@ class RunConfig:
     object_store_memory: int | None = None
     show_progress: bool = True
     preserve_order: bool = False
+    # Inverse runs: candidates per manifest row, variant k seeded from (seed, sample_id, k) and
+    # written as its own row and image (`{sample_id}__v{k}`).
+    variants: int = 1
+    # The harmony classifier's weights (folder path or URI, or a local file): an
+    # `unharmony_prob` on every ok row. Pickles follow `model.allow_unsafe_pickle`.
+    classifier: str | None = None
     # Test only: the first actor that finds no file at this path creates it and dies, so that
     # tests can watch Ray restart the actor and retry its batch.
     crash_once_marker: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.variants < 1:
+            raise ValueError(f"variants must be at least 1, got {self.variants}")
+        if self.variants > 1 and self.model.direction != "inverse":
+            raise ValueError("several variants per sample are made by inverse runs only")
 
 
 def new_run_id() -> str:

@@ -37,7 +37,26 @@ def download(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def modern(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model_dir(tmp_path_factory.mktemp("modern") / "model")
+    """What assembling the download gives by default: the release's Harmony-VAE in vae/."""
+    return write_tiny_model_dir(tmp_path_factory.mktemp("modern") / "model", harmony_vae=True)
+
+
+def _sample_batch() -> HarmonizeBatch:
+    generator = torch.Generator().manual_seed(3)
+    return HarmonizeBatch(
+        sample_ids=["a"],
+        composites=[torch.rand(3, 40, 56, generator=generator)],
+        masks=[(torch.rand(1, 40, 56, generator=generator) > 0.5).float()],
+        seeds=[9],
+    )
+
+
+def _pixels(model_dir: Path | str, **overrides: Any) -> torch.Tensor:
+    config = ModelConfig(
+        name="diffharmony", model_dir=str(model_dir), resolution=64, output_resolution=32,
+        device="cpu", **overrides,
+    )  # fmt: skip
+    return load_harmonizer(config).harmonize(_sample_batch())[0]
 
 
 def _assemble(download: dict[str, Any], out: str, *extra: str, env: Any = None) -> Any:
@@ -76,10 +95,13 @@ def test_assemble_an_official_download_and_run_it(
     assert (
         f"text_encoder/  <- {download['inpainting']}/text_encoder: config.json, model.safetensors"
     ) in lines
+    # DiffHarmony++'s Harmony-VAE, which the release holds, decodes (--vae is not needed).
     assert (
-        f"vae/           <- {download['vae']}: config.json, diffusion_pytorch_model.safetensors"
+        f"vae/           <- {release}/pretrained/cvae/vae: config.json, "
+        "diffusion_pytorch_model.bin -> diffusion_pytorch_model.safetensors (converted)"
     ) in lines
-    assert f"note: {release}/pretrained/cvae/vae: a ConditionVAE" in result.output
+    assert f"note: --vae {download['vae']}: not used, the Harmony-VAE decodes" in result.output
+    assert "diffharmony-gen" not in result.output  # the inverse model's folders are not taken
     assert (
         lines[-1] == f"{out}: OK (checked; MODEL_CARD.md lists the sources and every file's sha256)"
     )
@@ -93,6 +115,7 @@ def test_assemble_an_official_download_and_run_it(
         f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files if f != MODEL_CARD
     }
     assert "no licence file" in card and f"`{release}/pretrained/diffharmony/unet`" in card
+    assert "Harmony-VAE (`vae/`, a ConditionVAE)" in card
     assert not list(tmp_path.glob(".diffharmony.assemble-*"))  # the staging folder is gone
 
     check = runner.invoke(app, ["model", "check", str(out)])
@@ -113,6 +136,50 @@ def test_assemble_an_official_download_and_run_it(
         outputs[name] = _images(output)
     assert len(outputs["modern"]) == 8
     assert outputs["assembled"] == outputs["modern"]
+
+
+def test_plain_vae_and_the_inverse_model(download: dict[str, Path], tmp_path: Path) -> None:
+    """--plain-vae: sd-vae-ft-mse decodes (DiffHarmony as first published); --direction
+    inverse: the release's 'gen' folders (diffharmony-gen, cvae-gen). Each gives the pixels of
+    the modern tiny folder made the same way."""
+    release = download["diffharmony"]
+    plain = _assemble(download, str(tmp_path / "plain"), "--allow-unsafe-pickle", "--plain-vae")
+    assert plain.exit_code == 0, plain.output
+    assert (
+        f"vae/           <- {download['vae']}: config.json, diffusion_pytorch_model.safetensors"
+    ) in plain.output.splitlines()
+    assert f"note: {release}/pretrained/cvae/vae: a ConditionVAE" in plain.output
+    expected = write_tiny_model_dir(tmp_path / "modern-plain")
+    assert torch.equal(_pixels(tmp_path / "plain"), _pixels(expected))
+
+    without_vae = {k: v for k, v in download.items() if k != "vae"}
+    inverse = runner.invoke(
+        app,
+        ["model", "assemble", "--inpainting", str(download["inpainting"]),
+         "--diffharmony", str(release), "--direction", "inverse",
+         "--out", str(tmp_path / "inverse"), "--allow-unsafe-pickle"],
+    )  # fmt: skip
+    assert inverse.exit_code == 0, inverse.output
+    lines = inverse.output.splitlines()
+    assert any(line.startswith(f"unet/          <- {release}/pretrained/diffharmony-gen/unet:")
+               for line in lines)  # fmt: skip
+    assert any(line.startswith(f"vae/           <- {release}/pretrained/cvae-gen/vae:")
+               for line in lines)  # fmt: skip
+    card = (tmp_path / "inverse" / MODEL_CARD).read_text()
+    assert "--direction inverse" in card and "diffharmony-gen" in card
+    expected = write_tiny_model_dir(tmp_path / "modern-inverse", harmony_vae=True,
+                                    direction="inverse")  # fmt: skip
+    settings = {"refine": False, "direction": "inverse"}
+    assert torch.equal(_pixels(tmp_path / "inverse", **settings), _pixels(expected, **settings))
+
+    # Without --vae and with --plain-vae there is no VAE to take: said so.
+    none = runner.invoke(
+        app,
+        ["model", "assemble", "--inpainting", str(without_vae["inpainting"]),
+         "--diffharmony", str(release), "--plain-vae", "--out", str(tmp_path / "none"),
+         "--allow-unsafe-pickle"],
+    )  # fmt: skip
+    assert none.exit_code == 1 and "--vae: the sd-vae-ft-mse folder is needed" in none.output
 
 
 def test_pickles_are_refused_without_the_flag_and_nothing_is_written(
@@ -136,15 +203,16 @@ def test_ambiguity_lists_the_candidates_and_a_named_folder_settles_it(
 ) -> None:
     release = tmp_path / "release"
     shutil.copytree(download["diffharmony"], release)
-    shutil.copytree(release / "pretrained" / "diffharmony", release / "pretrained" / "gen")
+    shutil.copytree(release / "pretrained" / "diffharmony", release / "pretrained" / "other")
     tree = {**download, "diffharmony": release}
     result = _assemble(tree, str(tmp_path / "a"), "--allow-unsafe-pickle")
     assert result.exit_code == 1
     assert (
-        f"--diffharmony {release}: 2 candidates for the stage-1 UNet (a config.json saying "
+        f"--diffharmony {release}: 2 candidates for the forward model's stage-1 UNet (a "
+        "config.json saying "
         "UNet2DConditionModel with in_channels 9): "
         "pretrained/diffharmony/unet (UNet2DConditionModel, in_channels 9), "
-        "pretrained/gen/unet (UNet2DConditionModel, in_channels 9); choose one with --unet URI"
+        "pretrained/other/unet (UNet2DConditionModel, in_channels 9); choose one with --unet URI"
     ) in " ".join(result.output.split())
 
     named = _assemble(
@@ -152,16 +220,18 @@ def test_ambiguity_lists_the_candidates_and_a_named_folder_settles_it(
         str(tmp_path / "b"),
         "--allow-unsafe-pickle",
         "--unet",
-        str(release / "pretrained" / "gen" / "unet"),
+        str(release / "pretrained" / "other" / "unet"),
     )
     assert named.exit_code == 0, named.output
-    assert f"unet/          <- {release}/pretrained/gen/unet: config.json" in named.output
+    assert f"unet/          <- {release}/pretrained/other/unet: config.json" in named.output
 
-    shutil.rmtree(release / "pretrained" / "gen")
+    shutil.rmtree(release / "pretrained" / "other")
     shutil.rmtree(release / "pretrained" / "diffharmony")
     none = _assemble(tree, str(tmp_path / "c"), "--allow-unsafe-pickle")
     assert none.exit_code == 1
-    assert f"--diffharmony {release}: no stage-1 UNet" in " ".join(none.output.split())
+    assert f"--diffharmony {release}: no forward model's stage-1 UNet" in " ".join(
+        none.output.split()
+    )
 
 
 def test_a_broken_download_or_a_used_out_is_refused(
@@ -171,7 +241,9 @@ def test_a_broken_download_or_a_used_out_is_refused(
     shutil.copytree(download["vae"], vae)
     weights = vae / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    result = _assemble({**download, "vae": vae}, str(tmp_path / "a"), "--allow-unsafe-pickle")
+    result = _assemble(
+        {**download, "vae": vae}, str(tmp_path / "a"), "--allow-unsafe-pickle", "--plain-vae"
+    )
     assert result.exit_code == 1
     output = " ".join(result.output.split())
     assert "the assembled folder fails the check" in output

@@ -3,11 +3,15 @@
 Enters: three downloads, as local paths or fsspec URIs (s3://, gs://, file://, ...):
 - `inpainting`: a Stable Diffusion inpainting folder; its tokenizer/, text_encoder/ and
   scheduler/ are taken (its own unet/ and vae/ are not);
-- `vae`: the sd-vae-ft-mse folder (config.json + weights);
+- `vae`: the sd-vae-ft-mse folder (config.json + weights), when the Harmony-VAE is not taken;
 - `diffharmony`: the extracted DiffHarmony release, searched at any depth: the stage-1 UNet is the
   folder whose config.json says UNet2DConditionModel with in_channels 9, the refiner the one that
-  says UNet2DCustom (`unet` / `refiner` name a folder instead, when the release holds several);
-  a DiffHarmony++ ConditionVAE folder is recognised and reported, not used;
+  says UNet2DCustom, DiffHarmony++'s Harmony-VAE the one that says ConditionVAE (`unet` /
+  `refiner` / `harmony_vae` name a folder instead, when the release holds several). The release
+  holds the inverse model beside the forward one (the official "diffharmony-gen" and
+  "cvae-gen"): a folder whose path has a `gen` word (`diffharmony-gen`, `cvae_gen`) belongs to
+  the inverse model, taken with `direction="inverse"`, any other to the forward model. The
+  Harmony-VAE goes in vae/ when the release has one, unless `plain_vae` asks for `vae`;
 and `out`, where the model directory goes (absent or empty).
 Leaves: at `out`, the layout `pipeline.models.loading` reads, with safetensors only (pickles
 converted tensor for tensor, only when allowed), `empty_prompt_embeds.safetensors`, and
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
@@ -35,6 +40,7 @@ from typing import Any
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.models.condition_vae import CONDITION_VAE_CLASS_NAME
 from pipeline.models.loading import (
     DIFFUSERS,
     EMPTY_PROMPT_EMBEDS,
@@ -63,8 +69,8 @@ from pipeline.storage import filesystem, join
 
 MODEL_CARD = "MODEL_CARD.md"
 STAGE1_CLASS_NAME = "UNet2DConditionModel"
-# DiffHarmony++'s Harmony-VAE (`src/models/condition_vae.py` of the official repository).
-CONDITION_VAE_CLASS_NAME = "ConditionVAE"
+# A path word that marks the inverse model's folders (the release's diffharmony-gen, cvae-gen).
+_INVERSE_WORD = re.compile(r"(^|[-_])gen($|[-_])", re.IGNORECASE)
 LICENCE_NOTE = (
     "The DiffHarmony weights are published by their authors (Zhou, Feng, Wang: DiffHarmony: "
     "Latent Diffusion Model Meets Image Harmonization, ICMR 2024; github.com/nicecv/DiffHarmony). "
@@ -104,6 +110,8 @@ class AssembleReport:
     written: dict[str, list[str]]  # folder -> the files written into it
     notes: list[str] = field(default_factory=list)
     checksums: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    direction: str = "forward"  # whose UNet (and Harmony-VAE): the forward or inverse model's
+    harmony_vae: bool = False  # vae/ holds the release's Harmony-VAE
 
     def lines(self) -> list[str]:
         lines = []
@@ -237,27 +245,42 @@ def _pick(configs: list[_Config], wanted: str, what: str, option: str, uri: str)
     )
 
 
+def is_inverse_folder(folder: str) -> bool:
+    """Whether a release folder belongs to the inverse model: a `gen` word in its path."""
+    return any(_INVERSE_WORD.search(part) for part in folder.split("/"))
+
+
 def _release_parts(
     release: _Tree | None,
     unet: _Tree | None,
     refiner: _Tree | None,
+    harmony_vae: _Tree | None,
+    *,
+    direction: str,
+    plain_vae: bool,
     allow_unsafe_pickle: bool,
 ) -> tuple[list[Part], list[str]]:
-    """The stage-1 UNet and the refiner: named, or found in the release; plus notes."""
+    """The stage-1 UNet, the refiner and the Harmony-VAE: named, or found in the release (the
+    UNet and Harmony-VAE of `direction`'s model); plus notes. No Harmony-VAE part when the
+    release has none (or `plain_vae`): vae/ then comes from --vae."""
     notes: list[str] = []
     configs = _survey(release) if release is not None else []
+    inverse = direction == "inverse"
+    own = [c for c in configs if is_inverse_folder(c.folder) == inverse]
+    model = "inverse model's (a 'gen' folder)" if inverse else "forward model's"
     parts: list[Part] = []
     problems: list[str] = []
-    searches = (
+    harmony_vaes = [c for c in own if c.class_name == CONDITION_VAE_CLASS_NAME]
+    searches = [
         (
             UNET,
             unet,
             "--unet",
-            "stage-1 UNet",
+            f"{model} stage-1 UNet",
             f"a config.json saying {STAGE1_CLASS_NAME} with in_channels {UNET_IN_CHANNELS}",
             [
                 c
-                for c in configs
+                for c in own
                 if c.class_name == STAGE1_CLASS_NAME and c.in_channels == UNET_IN_CHANNELS
             ],
         ),
@@ -269,7 +292,25 @@ def _release_parts(
             f"a config.json saying {OFFICIAL_CLASS_NAME}",
             [c for c in configs if c.class_name == OFFICIAL_CLASS_NAME],
         ),
-    )
+    ]
+    if plain_vae:
+        for config in harmony_vaes:
+            notes.append(
+                f"{release.uri_of(config.folder) if release else config.folder}: a "
+                f"{CONDITION_VAE_CLASS_NAME} (DiffHarmony++ Harmony-VAE), not used: "
+                "--plain-vae decodes with --vae's AutoencoderKL"
+            )
+    elif harmony_vae is not None or harmony_vaes:
+        searches.append(
+            (
+                VAE,
+                harmony_vae,
+                "--harmony-vae",
+                f"{model} Harmony-VAE",
+                f"a config.json saying {CONDITION_VAE_CLASS_NAME}",
+                harmony_vaes,
+            )
+        )
     for name, named, option, what, wanted, candidates in searches:
         try:
             if named is not None:
@@ -283,16 +324,22 @@ def _release_parts(
                 )
         except AssembleError as error:
             problems.append(str(error))
-    if release is not None:
-        for config in configs:
-            if config.class_name == CONDITION_VAE_CLASS_NAME:
-                notes.append(
-                    f"{release.uri_of(config.folder)}: a {CONDITION_VAE_CLASS_NAME} (DiffHarmony++ "
-                    "Harmony-VAE), not used: this pipeline decodes with --vae's AutoencoderKL"
-                )
     if problems:
         raise AssembleError("\n".join(problems))
     return parts, notes
+
+
+def _require_class(part: Part, class_name: str, option: str, options: dict[str, Any]) -> None:
+    """A named folder must hold the class its option asks for."""
+    fs, root = filesystem(part.source, options)
+    try:
+        found = json.loads(fs.cat_file(join(root, "config.json"))).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise AssembleError(f"{part.source}/config.json: unreadable ({error})") from error
+    if found != class_name:
+        raise AssembleError(
+            f"{option} {part.source}: config.json says {found!r}, expected {class_name!r}"
+        )
 
 
 def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -377,12 +424,23 @@ def _model_card(report: AssembleReport) -> str:
         f"| `{rel}` | `{digest}` |" for rel, digest in sorted(report.checksums.items())
     )
     notes = "".join(f"- {note}\n" for note in report.notes)
+    inverse = report.direction == "inverse"
+    run_with = "harmonize run --model diffharmony --model-dir" + (
+        " --direction inverse" if inverse else ""
+    )
+    unet_text = "inverse model's (diffharmony-gen)" if inverse else "DiffHarmony"
+    vae_text = (
+        "DiffHarmony++'s Harmony-VAE (`vae/`, a ConditionVAE)"
+        if report.harmony_vae
+        else "the `sd-vae-ft-mse` VAE"
+    )
     return f"""# DiffHarmony model directory
 
-Assembled by `harmonize model assemble` for `harmonize run --model diffharmony --model-dir`.
-Stage 1: the DiffHarmony UNet (`unet/`, 9 input channels) with the Stable Diffusion inpainting
-tokenizer, text encoder and scheduler config and the `sd-vae-ft-mse` VAE; stage 2: the
-refinement UNet (`refiner/`). Layout and use: docs/models.md of the harmonize pipeline.
+Assembled by `harmonize model assemble` for `{run_with}`.
+Stage 1: the {unet_text} UNet (`unet/`, 9 input channels) with the Stable Diffusion
+inpainting tokenizer, text encoder and scheduler config and {vae_text}; stage 2: the
+refinement UNet (`refiner/`, used by forward runs only). Layout and use: docs/models.md of the
+harmonize pipeline.
 
 ## Sources
 
@@ -414,16 +472,23 @@ def _check_out_is_free(out: str, storage_options: dict[str, Any]) -> tuple[Any, 
 def assemble(
     *,
     inpainting: str,
-    vae: str,
+    vae: str | None,
     out: str,
     diffharmony: str | None = None,
     unet: str | None = None,
     refiner: str | None = None,
+    harmony_vae: str | None = None,
+    direction: str = "forward",
+    plain_vae: bool = False,
     allow_unsafe_pickle: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> AssembleReport:
     """Build the model directory at `out` from the downloads; see the module docstring."""
     options = storage_options or {}
+    if direction not in ("forward", "inverse"):
+        raise AssembleError(f"direction must be 'forward' or 'inverse', not {direction!r}")
+    if plain_vae and harmony_vae:
+        raise AssembleError("--plain-vae and --harmony-vae exclude each other")
     out_fs, out_path = _check_out_is_free(out, options)
     problems: list[str] = []
     parts: list[Part] = []
@@ -441,6 +506,17 @@ def assemble(
         )
 
     def vae_part() -> None:
+        if any(part.name == VAE for part in parts):  # the release's Harmony-VAE
+            if vae:
+                notes.append(f"--vae {vae}: not used, the Harmony-VAE decodes (--plain-vae)")
+            return
+        if not vae and problems:  # the release's problems come first; it may hold one
+            return
+        if not vae:
+            raise AssembleError(
+                "--vae: the sd-vae-ft-mse folder is needed (the release holds no Harmony-VAE "
+                "for this model, or --plain-vae asks for it)"
+            )
         tree = _Tree(vae, options, "--vae")
         config = tree.read_json("config.json") if "config.json" in tree.files else {}
         if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
@@ -457,13 +533,22 @@ def assemble(
                 (diffharmony, "--diffharmony"),
                 (unet, "--unet"),
                 (refiner, "--refiner"),
+                (harmony_vae, "--harmony-vae"),
             )
         ]
-        found, found_notes = _release_parts(*trees, allow_unsafe_pickle=allow_unsafe_pickle)
+        found, found_notes = _release_parts(
+            *trees,
+            direction=direction,
+            plain_vae=plain_vae,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+        )
+        for part in found:
+            if part.name == VAE:
+                _require_class(part, CONDITION_VAE_CLASS_NAME, "--harmony-vae", options)
         parts.extend(found)
         notes.extend(found_notes)
 
-    for step in (text_side, vae_part, release_parts):
+    for step in (text_side, release_parts, vae_part):
         gather(step)
     if problems:
         raise AssembleError("\n".join(problems))
@@ -479,7 +564,7 @@ def assemble(
     else:
         staging = Path(tempfile.mkdtemp(prefix="harmonize-assemble-"))
     try:
-        report = _stage(parts, notes, staging, out, options, allow_unsafe_pickle)
+        report = _stage(parts, notes, staging, out, options, allow_unsafe_pickle, direction)
         if local_out:
             if target.is_dir():
                 target.rmdir()  # empty, as checked above
@@ -498,6 +583,7 @@ def _stage(
     out: str,
     options: dict[str, Any],
     allow_unsafe_pickle: bool,
+    direction: str,
 ) -> AssembleReport:
     """Copy and convert into `staging`, precompute the prompt, check, write the model card."""
     written: dict[str, list[str]] = {}
@@ -523,10 +609,16 @@ def _stage(
             f"{out}:\n  " + "\n  ".join(problems)
         )
     report = AssembleReport(
-        out=out, parts=parts, written=written, notes=notes, checksums=file_checksums(staging)
-    )
+        out=out, parts=parts, written=written, notes=notes, checksums=file_checksums(staging),
+        direction=direction, harmony_vae=_is_harmony_vae(staging / VAE),
+    )  # fmt: skip
     (staging / MODEL_CARD).write_text(_model_card(report))
     return report
+
+
+def _is_harmony_vae(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("_class_name") == CONDITION_VAE_CLASS_NAME
 
 
 def _upload(staging: Path, fs: Any, out_path: str, out: str) -> None:
