@@ -93,7 +93,34 @@ SeedArg = Annotated[
     int, typer.Option(help="Run seed; each sample's seed derives from it and its sample_id.")
 ]
 RefineArg = Annotated[
-    bool, typer.Option("--refine/--no-refine", help="Apply the stage-2 refinement UNet.")
+    bool | None,
+    typer.Option(
+        "--refine/--no-refine",
+        help="Apply the stage-2 refinement UNet (default: yes forward; inverse runs have none).",
+        show_default=False,
+    ),
+]
+DirectionArg = Annotated[
+    str,
+    typer.Option(
+        help="forward: harmonize each composite. inverse (DiffHarmony++): make new training "
+        "composites from real images: the manifest needs real_uri and mask_uri, the model "
+        "directory the inverse model (model assemble --direction inverse)."
+    ),
+]
+VariantsArg = Annotated[
+    int,
+    typer.Option(
+        help="Inverse runs: composites per real image; variant k is seeded from (--seed, "
+        "sample_id, k) and written as images/{sample_id}__v{k}.png, one results row each."
+    ),
+]
+ClassifierArg = Annotated[
+    str | None,
+    typer.Option(
+        help="Harmony classifier (DiffHarmony++'s ResNet-50 state dict: a folder, path or URI, "
+        "or a local file): adds unharmony_prob to every ok row, in either direction."
+    ),
 ]
 OutputSizeArg = Annotated[
     str,
@@ -179,7 +206,10 @@ def run_command(
     resolution: ResolutionArg = 512,
     steps: StepsArg = 5,
     seed: SeedArg = 0,
-    refine: RefineArg = True,
+    refine: RefineArg = None,
+    direction: DirectionArg = "forward",
+    variants: VariantsArg = 1,
+    classifier: ClassifierArg = None,
     output_size: OutputSizeArg = "input",
     output_resolution: OutputResolutionArg = 256,
     dtype: DTypeArg = "auto",
@@ -220,12 +250,28 @@ def run_command(
     _check_choice("--format", image_format, ("png", "jpg", "webp"))
     if resolution <= 0 or resolution % 8:
         raise typer.BadParameter("must be a positive multiple of 8", param_hint="--resolution")
+    _check_choice("--direction", direction, ("forward", "inverse"))
     if model == "diffharmony" and not model_dir:
         raise typer.BadParameter("--model diffharmony needs --model-dir", param_hint="--model-dir")
+    inverse = direction == "inverse"
+    if inverse and model != "diffharmony":
+        raise typer.BadParameter(
+            "inverse harmonization needs the inverse DiffHarmony model (--model diffharmony)",
+            param_hint="--direction",
+        )
+    if inverse and refine:
+        raise typer.BadParameter(
+            "inverse runs have no stage 2 (as the official inverse.py)", param_hint="--refine"
+        )
+    if variants < 1 or (variants > 1 and not inverse):
+        raise typer.BadParameter(
+            "at least 1; several variants are made by --direction inverse", param_hint="--variants"
+        )
     model_config = ModelConfig(
         name=model, model_dir=model_dir, resolution=resolution, steps=steps, seed=seed,  # type: ignore[arg-type]
-        refine=refine, output_size=output_size, output_resolution=output_resolution,  # type: ignore[arg-type]
-        dtype=dtype, device=device, allow_unsafe_pickle=allow_unsafe_pickle,  # type: ignore[arg-type]
+        refine=not inverse if refine is None else refine, output_size=output_size,  # type: ignore[arg-type]
+        output_resolution=output_resolution, dtype=dtype, device=device,  # type: ignore[arg-type]
+        allow_unsafe_pickle=allow_unsafe_pickle, direction=direction,  # type: ignore[arg-type]
     )  # fmt: skip
     extra: dict[str, Any] = {"run_id": run_id} if run_id else {}
     config = RunConfig(
@@ -234,7 +280,8 @@ def run_command(
         max_pixels=max_pixels,
         storage_options=parse_storage_options(storage_option, endpoint_url),
         show_progress=progress, num_cpus=num_cpus, ray_address=ray_address,
-        results_rows_per_file=results_rows_per_file, **extra,
+        results_rows_per_file=results_rows_per_file, variants=variants,
+        classifier=classifier, **extra,
     )  # fmt: skip
     try:
         with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
@@ -623,14 +670,25 @@ def evaluate_command(
 @app.command("select")
 def select_command(
     results: ResultsArg,
+    out: Annotated[str, typer.Option("--out", help="Training manifest Parquet to write.")],
     where: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="SQL condition over the results columns (DuckDB), e.g. "
             '"bg_psnr > 35 AND lab_gap_after < lab_gap_before".'
         ),
-    ],
-    out: Annotated[str, typer.Option("--out", help="Training manifest Parquet to write.")],
+    ] = None,
+    per_source_max: Annotated[
+        str | None,
+        typer.Option(
+            help="Of each source sample's rows (an inverse run's variants of one real image), "
+            "keep the one with the highest value of this metric, e.g. unharmony_prob."
+        ),
+    ] = None,
+    per_source_min: Annotated[
+        str | None,
+        typer.Option(help="The same, keeping the lowest value (e.g. fmse: the mildest)."),
+    ] = None,
     metric: Annotated[
         list[str], typer.Option(help="Metric to copy as metric_NAME (repeatable; default all).")
     ] = [],  # noqa: B006 (typer reads the default)
@@ -638,18 +696,29 @@ def select_command(
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
 ) -> None:
-    """Keep the samples whose latest ok result satisfies --where: a training manifest.
+    """Keep the samples whose latest ok result satisfies --where (and, per source sample, the
+    best by --per-source-max / --per-source-min): a training manifest.
 
-    It holds sample_id, image_uri (harmonized) and the same URI as composite_uri (so that
-    `harmonize run` reads it back), mask_uri, real_uri, provenance, metric_* columns and the
-    original manifest's extra columns.
+    It holds sample_id, image_uri (the output) and the same URI as composite_uri (so that
+    `harmonize run` reads it back: an inverse run's generated composites become the inputs of
+    a forward run), mask_uri, real_uri, provenance, metric_* columns and the original
+    manifest's extra columns.
     """
     from pipeline.query import QueryError, select
 
+    if per_source_max and per_source_min:
+        raise typer.BadParameter("give one of --per-source-max, --per-source-min")
+    per_source = (
+        ("max", per_source_max)
+        if per_source_max
+        else ("min", per_source_min)
+        if per_source_min
+        else None
+    )
     options = parse_storage_options(storage_option, endpoint_url)
     try:
         selection = select(results, where, out, options, metrics=metric or None,
-                           params_hash=params_hash)  # fmt: skip
+                           params_hash=params_hash, per_source=per_source)  # fmt: skip
     except QueryError as exc:
         _fail(exc, 2)
     typer.echo(selection.text())

@@ -149,10 +149,12 @@ def fit(
     width: int,
     stored: tuple[int, int],
     tag: int,
+    input_name: str = "composite",
 ) -> None:
-    """Refuse a mask or real of `size` (w, h) whose aspect ratio is not the composite's.
+    """Refuse a mask or real of `size` (w, h) whose aspect ratio is not the input's (the
+    composite's, or the real's in inverse runs: `input_name`).
 
-    `stored` is the composite's size as stored and `tag` its EXIF orientation: when the other
+    `stored` is the input's size as stored and `tag` its EXIF orientation: when the other
     image matches the stored pixels instead of the displayed ones, the message says so.
     """
     if _same_aspect(height, width, size[1], size[0]):
@@ -160,26 +162,34 @@ def fit(
     hint = ""
     if tag != 1 and _same_aspect(stored[1], stored[0], size[1], size[0]):
         hint = (
-            f"; it matches the composite as stored, which its EXIF orientation {tag} turns "
-            f"to {width}x{height}: save the {what} as the composite is displayed"
+            f"; it matches the {input_name} as stored, which its EXIF orientation {tag} turns "
+            f"to {width}x{height}: save the {what} as the {input_name} is displayed"
         )
     raise SampleError(
-        f"{what} is {size[0]}x{size[1]} but the composite is {width}x{height} as displayed "
+        f"{what} is {size[0]}x{size[1]} but the {input_name} is {width}x{height} as displayed "
         f"(aspect ratios differ{hint})"
     )
 
 
 def decode_sample(
-    composite: bytes, mask: bytes, real: bytes | None, max_pixels: int
+    composite: bytes,
+    mask: bytes,
+    real: bytes | None,
+    max_pixels: int,
+    *,
+    input_name: str = "composite",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Bytes -> composite (H, W, 3), mask (H, W) in {0, 1}, real (H, W, 3) or None."""
-    composite_image = open_image(composite, "composite", max_pixels)
+    """Bytes -> composite (H, W, 3), mask (H, W) in {0, 1}, real (H, W, 3) or None.
+
+    `composite` is the model's input; `input_name` names it in errors ("real" in inverse
+    runs, whose input is the real image)."""
+    composite_image = open_image(composite, input_name, max_pixels)
     stored, tag = composite_image.size, orientation(composite_image)
-    composite_rgb = to_rgb(upright(composite_image), "composite")
+    composite_rgb = to_rgb(upright(composite_image), input_name)
     height, width = composite_rgb.shape[:2]
 
     mask_image = upright(open_image(mask, "mask", max_pixels))
-    fit("mask", mask_image.size, height, width, stored, tag)
+    fit("mask", mask_image.size, height, width, stored, tag, input_name)
     mask_binary = to_mask(mask_image)
     if mask_binary.shape != (height, width):
         resized = Image.fromarray(mask_binary).resize((width, height), Image.Resampling.NEAREST)
@@ -195,7 +205,7 @@ def decode_sample(
     real_rgb = None
     if real is not None:
         real_image = upright(open_image(real, "real", max_pixels))
-        fit("real", real_image.size, height, width, stored, tag)
+        fit("real", real_image.size, height, width, stored, tag, input_name)
         real_rgb = to_rgb(real_image, "real")
         if real_rgb.shape[:2] != (height, width):
             resized = Image.fromarray(real_rgb).resize((width, height), Image.Resampling.BILINEAR)

@@ -5,6 +5,9 @@ Enters: a pyarrow batch of manifest rows (`sample_id`, `composite_uri`, `mask_ur
 Leaves: the same rows with URIs made absolute and these columns added:
   `composite_pixels` (raw RGB uint8, H*W*3 bytes), `mask_pixels` (raw uint8 {0, 1}, H*W),
   `real_pixels` (raw RGB or null), `width`, `height`, `status`, `error`, `fetch_s`, `decode_s`.
+`composite_pixels` holds the model's input: in inverse runs that is the real image (read
+from `real_uri`, `real_pixels` then null: the ground truth is the input), and `composite_uri`
+is null (the composite is what the run makes).
 A row that cannot be fetched or decoded gets `status = "error"`, empty pixels and an error
 message naming the sample, the stage and the cause; the other rows go on.
 
@@ -41,17 +44,24 @@ def fetch_and_decode(batch: pa.Table, config: RunConfig, base_dir: str) -> pa.Ta
     """Ray `map_batches` function (batch_format="pyarrow")."""
     rows = batch.num_rows
     ids = batch.column("sample_id").to_pylist()
+    inverse = config.model.direction == "inverse"
     uris: dict[str, list[str | None]] = {}
     for name in ("composite_uri", "mask_uri", "real_uri"):
         values = batch.column(name).to_pylist() if name in batch.column_names else [None] * rows
+        if inverse and name == "composite_uri":
+            values = [None] * rows  # not read: inverse runs make the composite
         uris[name] = [resolve(base_dir, v) if v else None for v in values]
+    # (input, mask, ground truth) columns: the real image is the input of an inverse run.
+    roles = ("real_uri", "mask_uri", None) if inverse else ("composite_uri", "mask_uri", "real_uri")
 
     def fetch_row(i: int) -> tuple[Any, float]:
         start = time.perf_counter()
         try:
             fetched = tuple(
                 _fetch(uris[name][i], name.removesuffix("_uri"), config.storage_options)
-                for name in ("composite_uri", "mask_uri", "real_uri")
+                if name
+                else None
+                for name in roles
             )
         except SampleError as exc:
             fetched = exc
@@ -70,7 +80,9 @@ def fetch_and_decode(batch: pa.Table, config: RunConfig, base_dir: str) -> pa.Ta
         try:
             if isinstance(fetched, SampleError):
                 raise fetched
-            composite_rgb, mask_binary, real_rgb = decode_sample(*fetched, config.max_pixels)
+            composite_rgb, mask_binary, real_rgb = decode_sample(
+                *fetched, config.max_pixels, input_name="real" if inverse else "composite"
+            )
             out["composite_pixels"].append(composite_rgb.tobytes())
             out["mask_pixels"].append(mask_binary.tobytes())
             out["real_pixels"].append(None if real_rgb is None else real_rgb.tobytes())

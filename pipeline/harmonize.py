@@ -2,9 +2,10 @@
 
 Enters: pyarrow batches from `fetch.py` (decoded pixels, `status`, `error`).
 Leaves: the same rows without the input pixels, plus `harmonized_pixels` (raw RGB uint8),
-`output_width`, `output_height`, the model's name, fingerprint and parameters, where it ran
-(`device`: `cuda:<GPU name>` or `cpu`), the sample seed, `harmonize_s`, `score_s` and the
-metrics of `score.py`.
+`output_width`, `output_height`, the model's name, fingerprint and parameters, the direction,
+where it ran (`device`: `cuda:<GPU name>` or `cpu`), the sample seed (a variant's own in inverse
+runs), `harmonize_s`, `score_s` and the metrics of `score.py`, with `unharmony_prob` from the
+harmony classifier (`--classifier`, loaded once per actor on its device).
 
 A batch runs through the model in one call. If that call raises, the batch is retried one
 sample at a time so that only the samples that fail become error rows.
@@ -16,7 +17,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,15 +27,56 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.fetch import PIXEL_COLUMNS
 from pipeline.models import HarmonizeBatch, load_harmonizer, sample_seed
+from pipeline.models.base import variant_seed
 from pipeline.placement import PlacementError
 from pipeline.score import score_batch
 from schemas.results import METRIC_COLUMNS
 
+if TYPE_CHECKING:
+    from pipeline.models.classifier import HarmonyClassifier
 
-def params_hash(model: str, fingerprint: str, params: dict[str, Any]) -> str:
-    """Identifies one (model, weights, parameters) combination: same hash, same outputs."""
-    text = json.dumps({"model": model, "fingerprint": fingerprint, **params}, sort_keys=True)
+
+def params_hash(
+    model: str, fingerprint: str, params: dict[str, Any], classifier: str | None = None
+) -> str:
+    """Identifies one (model, weights, parameters[, classifier weights]) combination: same hash,
+    same outputs and columns. Without a classifier, the hash of earlier versions."""
+    key = {"model": model, "fingerprint": fingerprint, **params}
+    if classifier is not None:
+        key["classifier"] = classifier
+    text = json.dumps(key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_classifier(config: RunConfig, device: torch.device) -> HarmonyClassifier | None:
+    """The run's harmony classifier on `device`, or None without --classifier."""
+    if not config.classifier:
+        return None
+    from pipeline.models.classifier import HarmonyClassifier  # torch models: load when used
+
+    return HarmonyClassifier.load(
+        config.classifier,
+        device=device,
+        allow_unsafe_pickle=config.model.allow_unsafe_pickle,
+        cache_dir=config.model.cache_dir,
+        storage_options=config.storage_options,
+    )
+
+
+def row_seeds(config: RunConfig, batch: pa.Table) -> list[int]:
+    """Each row's seed: from (seed, sample_id), or for an inverse run's variant from (seed,
+    source sample_id, k)."""
+    ids = batch.column("sample_id").to_pylist()
+    if "variant" not in batch.column_names:
+        return [sample_seed(config.model.seed, sample_id) for sample_id in ids]
+    sources = batch.column("source_sample_id").to_pylist()
+    variants = batch.column("variant").to_pylist()
+    return [
+        sample_seed(config.model.seed, sample_id)
+        if k is None
+        else variant_seed(config.model.seed, source, k)
+        for sample_id, source, k in zip(ids, sources, variants)
+    ]
 
 
 def check_device(device: str) -> None:
@@ -80,7 +122,13 @@ class HarmonizeActor:
         self.device_label = device_label(self.device)
         self.params = config.model.output_params()
         self.fingerprint = self.harmonizer.fingerprint
-        self.params_hash = params_hash(config.model.name, self.fingerprint, self.params)
+        # On the model's device: the classifier runs in the same pass as the metrics.
+        self.classifier = load_classifier(config, self.device)
+        self.classifier_fingerprint = self.classifier.fingerprint if self.classifier else None
+        self.params_hash = params_hash(
+            config.model.name, self.fingerprint, self.params, self.classifier_fingerprint
+        )
+        self.inverse = config.model.direction == "inverse"
 
     def _to_device(self, data: bytes, height: int, width: int, channels: int) -> torch.Tensor:
         image = _image(data, height, width, channels)
@@ -109,7 +157,10 @@ class HarmonizeActor:
 
         start = time.perf_counter()
         with torch.inference_mode():
-            scored = score_batch(harmonized, composites, masks, reals)
+            scored = score_batch(
+                harmonized, composites, masks, reals,
+                input_is_real=self.inverse, classifier=self.classifier,
+            )  # fmt: skip
         metrics = {name: scored[name].cpu().tolist() for name in METRIC_COLUMNS}
         pixels = [
             (image.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous()
@@ -142,7 +193,7 @@ class HarmonizeActor:
         ids = batch.column("sample_id").to_pylist()
         status = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()
-        seeds = [sample_seed(self.config.model.seed, sample_id) for sample_id in ids]
+        seeds = row_seeds(self.config, batch)
         ok_rows = [i for i, s in enumerate(status) if s == "ok"]
 
         results: dict[int, Any] = {}
@@ -179,6 +230,8 @@ class HarmonizeActor:
             "model_fingerprint": pa.array([self.fingerprint] * n, pa.string()),
             "params_hash": pa.array([self.params_hash] * n, pa.string()),
             "model_params": pa.array([json.dumps(self.params, sort_keys=True)] * n, pa.string()),
+            "classifier_fingerprint": pa.array([self.classifier_fingerprint] * n, pa.string()),
+            "direction": pa.array([self.config.model.direction] * n, pa.string()),
             "device": pa.array([self.device_label] * n, pa.string()),
             "resolution": pa.array([self.config.model.resolution] * n, pa.int32()),
             "steps": pa.array([self.config.model.steps] * n, pa.int32()),

@@ -24,7 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import absolute, filesystem, to_pyarrow
-from schemas.manifest import KEY_COLUMNS, ManifestError, validate_manifest, validate_schema
+from schemas.manifest import (
+    INPUT_COLUMN,
+    KEY_COLUMNS,
+    ManifestError,
+    validate_manifest,
+    validate_schema,
+)
 
 _READERS = 16  # footers and key columns read concurrently (object-store latency)
 
@@ -36,7 +42,8 @@ class Manifest:
     base_dir: str  # URI of the folder that relative sample URIs resolve against
     schema: pa.Schema  # every file is read with this schema
     num_rows: int
-    first_composite: str | None = None  # as written in the first row (for preflight checks)
+    # The first row's input image (composite forward, real inverse) as written (for preflight).
+    first_composite: str | None = None
 
     @property
     def passthrough(self) -> list[pa.Field]:
@@ -104,8 +111,11 @@ def _listed(files: list[str], shown: int = 3) -> str:
     return ", ".join(files[:shown]) + (f" and {more} more files" if more > 0 else "")
 
 
-def open_manifest(uri: str, storage_options: dict[str, Any]) -> Manifest:
-    """Find the manifest's files and validate their structure (raises `ManifestError`)."""
+def open_manifest(
+    uri: str, storage_options: dict[str, Any], direction: str = "forward"
+) -> Manifest:
+    """Find the manifest's files and validate their structure for `direction` (raises
+    `ManifestError`)."""
     uri = absolute(uri)
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
@@ -133,7 +143,7 @@ def open_manifest(uri: str, storage_options: dict[str, Any]) -> Manifest:
     with ThreadPoolExecutor(max_workers=min(_READERS, len(files))) as pool:
         schemas = list(pool.map(footer, range(len(files))))
     schema = unify_schemas(names, schemas)
-    validate_schema(schema)
+    validate_schema(schema, direction)
     key_fields = [schema.field(c) for c in KEY_COLUMNS if c in schema.names]
 
     def keys(index: int) -> pa.Table:
@@ -150,6 +160,6 @@ def open_manifest(uri: str, storage_options: dict[str, Any]) -> Manifest:
     with ThreadPoolExecutor(max_workers=min(_READERS, len(files))) as pool:
         tables = list(pool.map(keys, range(len(files))))
     keys_table = pa.concat_tables(tables)
-    validate_manifest(keys_table, files=[(n, len(t)) for n, t in zip(names, tables)])
-    first = keys_table["composite_uri"][0].as_py() if keys_table.num_rows else None
+    validate_manifest(keys_table, [(n, len(t)) for n, t in zip(names, tables)], direction)
+    first = keys_table[INPUT_COLUMN[direction]][0].as_py() if keys_table.num_rows else None
     return Manifest(uri, files, base_dir, schema, keys_table.num_rows, first)

@@ -42,9 +42,10 @@ class PreflightError(Exception):
 
 
 def check_manifest(config: RunConfig) -> Manifest:
-    """Open the manifest and look up its first composite with the run's credentials."""
+    """Open the manifest and look up its first input image (the composite, or the real for an
+    inverse run) with the run's credentials."""
     try:
-        manifest = open_manifest(config.manifest, config.storage_options)
+        manifest = open_manifest(config.manifest, config.storage_options, config.model.direction)
     except OSError as exc:
         raise PreflightError(
             f"manifest {config.manifest} cannot be read: {describe(exc)}"
@@ -59,7 +60,8 @@ def check_manifest(config: RunConfig) -> Manifest:
         pass  # that sample's own problem: its row says so
     except PermissionError as exc:
         raise PreflightError(
-            f"images of manifest {manifest.uri} cannot be read (first composite {uri}): "
+            f"images of manifest {manifest.uri} cannot be read (first "
+            f"{'real' if config.model.direction == 'inverse' else 'composite'} {uri}): "
             f"{describe(exc)}"
         ) from None
     return manifest

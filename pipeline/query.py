@@ -206,16 +206,20 @@ def connect(
 @dataclass(frozen=True)
 class Selection:
     out: str
-    where: str
+    where: str | None
     results_uri: str
     params_hash: str | None
     ok_samples: int
     selected: int
     columns: list[str]
+    per_source: tuple[str, str] | None = None
 
     def text(self) -> str:
+        how = [f"where {self.where}"] if self.where and self.where.strip() else []
+        if self.per_source:
+            how.append(f"the {self.per_source[0]} {self.per_source[1]} per source sample")
         return (
-            f"selected {self.selected} of {self.ok_samples} ok samples where {self.where}\n"
+            f"selected {self.selected} of {self.ok_samples} ok samples: {', '.join(how)}\n"
             f"results:  {self.results_uri} (params_hash {self.params_hash})\n"
             f"manifest: {self.out} ({', '.join(self.columns)})"
         )
@@ -223,25 +227,40 @@ class Selection:
 
 def select(
     results_uri: str,
-    where: str,
+    where: str | None,
     out: str,
     storage_options: dict[str, Any] | None = None,
     *,
     metrics: list[str] | None = None,
     params_hash: str | None = None,
+    per_source: tuple[str, str] | None = None,
 ) -> Selection:
     """Write the samples of `current` that satisfy `where` as a training manifest.
 
-    Columns: `sample_id`; `image_uri` (the harmonized image) and the same URI as
+    Columns: `sample_id`; `image_uri` (the output image) and the same URI as
     `composite_uri`, so that `harmonize run --manifest` reads the manifest back; `mask_uri`;
     `real_uri` (ground truth, null without); `source_composite_uri`, `source_model`,
-    `source_params_hash`, `source_run_id` (provenance); `metric_{name}` for each of `metrics`
-    (default: every metric the results have; prefixed because metric names are reserved
-    for the results in a manifest); then the original manifest's extra columns (`subset`, …).
+    `source_params_hash`, `source_run_id` (provenance); for inverse results, `generated_from`
+    and `generated_variant` (the real image's sample id and k); `metric_{name}` for each of
+    `metrics` (default: every metric the results have; prefixed because metric names are
+    reserved for the results in a manifest); then the original manifest's extra columns.
+
+    `per_source` = ("max" | "min", metric): of the rows `where` keeps, only the one with the
+    highest (lowest) metric per source sample (`source_sample_id`: an inverse run's variants
+    of one real image; a forward row is its own source), ties to the lowest sample id. With
+    it, `where` may be empty. E.g. ("max", "unharmony_prob"): the most unharmonious generated
+    composite of each real image, as the official HumanHarmony selection keeps it.
     """
     options = storage_options or {}
-    if not where or not where.strip():
+    if per_source is None and (not where or not where.strip()):
         raise QueryError('--where is empty: give a condition, e.g. "bg_psnr > 35"')
+    if per_source is not None:
+        order, by = per_source
+        if order not in ("max", "min") or by not in METRIC_COLUMNS:
+            raise QueryError(
+                f"per source: 'max' or 'min' of a metric ({', '.join(METRIC_COLUMNS)}), "
+                f"not {order!r} of {by!r}"
+            )
     results = connect(results_uri, options, params_hash)
     chosen = results.metrics if metrics is None else list(metrics)
     unknown = [m for m in chosen if m not in METRIC_COLUMNS]
@@ -269,14 +288,44 @@ def select(
         column("params_hash", "source_params_hash"),
         column("run_id", "source_run_id"),
     ]
+    generated = "source_sample_id" in results.columns and bool(
+        results.connection.sql(
+            "SELECT count(*) FROM current WHERE source_sample_id IS NOT NULL"
+        ).fetchall()[0][0]
+    )
+    if generated:  # inverse results: which real image and variant each composite came from
+        own += [
+            "source_sample_id AS generated_from",
+            "CAST(variant AS INTEGER) AS generated_variant",
+        ]
     own += [
         f"{quote_identifier(m)} AS {quote_identifier(MANIFEST_METRIC_PREFIX + m)}" for m in chosen
     ]
     taken = {part.rsplit(" AS ", 1)[-1].strip('"') for part in own}
     passthrough = [c for c in results.columns if c not in RESULTS_SCHEMA.names and c not in taken]
     own += [quote_identifier(c) for c in passthrough]
+    pick = ""
+    if per_source is not None:
+        order, by = per_source
+        if by not in results.columns:
+            raise QueryError(
+                f"the results under {results.uri} have no column {by!r} to pick by"
+                + (" (run with --classifier)" if by == "unharmony_prob" else "")
+            )
+        source = (
+            "coalesce(source_sample_id, sample_id)"
+            if "source_sample_id" in results.columns
+            else "sample_id"
+        )
+        metric = quote_identifier(by)
+        direction = "DESC" if order == "max" else "ASC"
+        pick = (
+            f"AND {metric} IS NOT NULL QUALIFY row_number() OVER (PARTITION BY {source} "
+            f"ORDER BY {metric} {direction}, sample_id) = 1"
+        )
     table = results.query(
-        f"SELECT {', '.join(own)} FROM current WHERE {{where}} ORDER BY sample_id", where
+        f"SELECT {', '.join(own)} FROM current WHERE {{where}} {pick} ORDER BY sample_id",
+        where,
     )
     ok_samples = results.connection.sql("SELECT count(*) FROM current").fetchall()[0][0]
     try:
@@ -288,8 +337,9 @@ def select(
     out = absolute(out)
     write_atomic(out, buffer.getvalue(), options)
     return Selection(
-        out, where, results.uri, results.params_hash, ok_samples, table.num_rows, table.column_names
-    )
+        out, where, results.uri, results.params_hash, ok_samples, table.num_rows,
+        table.column_names, per_source,
+    )  # fmt: skip
 
 
 # --- stats ----------------------------------------------------------------------------------
@@ -315,6 +365,11 @@ class Stats:
     # QUALITY_FILTER against the ground truth (output MSE below the composite's), over the
     # samples with ground truth: kept_better, kept_worse, rejected_better, rejected_worse.
     quality_filter: dict[str, int] = field(default_factory=dict)
+    # Over `current`: 'forward' / 'inverse' -> rows; inverse rows' source samples and the
+    # variants per source (min, max).
+    directions: dict[str, int] = field(default_factory=dict)
+    sources: int = 0
+    variants_per_source: tuple[int, int] | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers become null)."""
@@ -344,6 +399,11 @@ class Stats:
                 "absent_metrics": self.absent,
                 "subsets": self.subsets,
                 "devices": self.devices,
+                "directions": self.directions,
+                "sources": self.sources,
+                "variants_per_source": list(self.variants_per_source)
+                if self.variants_per_source
+                else None,
                 "quality_filter": {"condition": QUALITY_FILTER, **self.quality_filter}
                 if self.quality_filter
                 else None,
@@ -363,6 +423,14 @@ class Stats:
         ]
         if self.devices:
             lines.append("ran on: " + ", ".join(f"{d} ({n})" for d, n in self.devices.items()))
+        if self.directions.get("inverse"):
+            low, high = self.variants_per_source or (0, 0)
+            per = f"{low}" if low == high else f"{low} to {high}"
+            lines.append(
+                f"inverse harmonization: {self.directions['inverse']} generated composites "
+                f"from {self.sources} real images ({per} variants each); metrics compare each "
+                "with its real image"
+            )
         lines.append("")
         header = f"{'metric':<18}{'better':<13}{'n':>6}{'mean':>10}{'min':>10}"
         header += "".join(f"{label:>10}" for label in QUANTILE_LABELS) + f"{'max':>10}"
@@ -483,10 +551,24 @@ def compute_stats(results: Results, where: str | None = None) -> Stats:
             "SELECT coalesce(device, 'unknown'), count(*) FROM current GROUP BY ALL ORDER BY 2 DESC"
         ).fetchall():
             devices[device] = n
+    directions: dict[str, int] = {}
+    sources, per_source = 0, None
+    if "direction" in results.columns:
+        for direction, n in results.connection.sql(
+            "SELECT coalesce(direction, 'forward'), count(*) FROM current GROUP BY ALL ORDER BY 1"
+        ).fetchall():
+            directions[direction] = n
+    if directions.get("inverse") and "source_sample_id" in results.columns:
+        sources, low, high = results.connection.sql(
+            "SELECT count(*), min(n), max(n) FROM (SELECT source_sample_id, count(*) AS n "
+            "FROM current WHERE source_sample_id IS NOT NULL GROUP BY ALL)"
+        ).fetchall()[0]
+        per_source = (low, high)
     return Stats(
         results_uri=results.uri, params_hash=results.params_hash, model=results.model,
         where=where, rows=counts[0], ok_rows=counts[1], error_rows=counts[2],
         ok_samples=counts[4], samples=values[0], failed_samples=counts[3], metrics=metrics,
         absent=results.absent_metrics, subsets=subsets, devices=devices,
-        quality_filter=quality,
+        quality_filter=quality, directions=directions, sources=sources,
+        variants_per_source=per_source,
     )  # fmt: skip

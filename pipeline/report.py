@@ -8,7 +8,8 @@ there is ground truth a scatter of composite MSE against output MSE (points abov
 diagonal got worse), and composite / harmonized / mask (/ real) thumbnails with the
 difference |harmonized - composite| amplified (JPEG as base64 data URIs) of the best, the
 worst and a random sample by the ranking metric; with `sheet`, a contact sheet: the first
-`sheet` samples by id, each composite next to its harmonized output.
+`sheet` samples by id, each composite next to its harmonized output. Rows of inverse runs
+show their input, the real image, and the generated composite, and the difference between them.
 
 Nothing is loaded from elsewhere: a Content-Security-Policy allows only data: images,
 inline styles and the one inline script (by its hash). That script records on <body> how
@@ -163,7 +164,7 @@ def _picks(
 ) -> list[tuple[str, list[dict[str, Any]]]]:
     """(title, rows) for the best, the worst and a random sample."""
     names = [c for c, _ in IMAGE_KINDS if c in results.columns] + ["sample_id"]
-    names += [c for c in ("subset",) if c in results.columns] + results.metrics
+    names += [c for c in ("subset", "direction") if c in results.columns] + results.metrics
     columns = ", ".join(quote_identifier(c) for c in names)
     base = f"SELECT {columns} FROM current WHERE {{where}}"
     sections = []
@@ -387,6 +388,9 @@ def _sample_html(
         f"{m} {format_number(row[m])}" for m in shown if m in metrics and row.get(m) is not None
     )
     figures = []
+    inverse = row.get("direction") == "inverse"  # the real is the input, the output generated
+    labels = {"harmonized": "generated", "real": "real (input)"} if inverse else {}
+    before, after = ("real", "generated") if inverse else ("composite", "harmonized")
     for column, kind in (*IMAGE_KINDS, ("output_uri", "difference")):
         if not row.get(column):
             continue
@@ -394,7 +398,9 @@ def _sample_html(
             content = f'<img src="{images[kind]}" alt="{_esc(kind)} of {_esc(row["sample_id"])}">'
         else:
             content = f'<div class="missing">{_esc(kind)} not shown: {_esc(errors[kind])}</div>'
-        caption = kind if kind != "difference" else f"|harmonized - composite| x {DIFFERENCE_GAIN}"
+        caption = labels.get(kind, kind)
+        if kind == "difference":
+            caption = f"|{after} - {before}| x {DIFFERENCE_GAIN}"
         figures.append(f"<figure>{content}<figcaption>{_esc(caption)}</figcaption></figure>")
     subset = f" ({_esc(row['subset'])})" if row.get("subset") else ""
     return (
@@ -438,7 +444,8 @@ def build_report(
     if sheet > 0:
         ranked = f", {quote_identifier(metric)}" if metric else ""
         sheet_rows = results.query(
-            f"SELECT sample_id, composite_uri, output_uri{ranked} FROM current WHERE {{where}} "
+            "SELECT sample_id, coalesce(composite_uri, real_uri) AS composite_uri, output_uri"
+            f"{ranked} FROM current WHERE {{where}} "
             f"ORDER BY sample_id LIMIT {int(sheet)}",
             where,
         ).to_pylist()
@@ -462,7 +469,9 @@ def build_report(
             return None, f"{type(exc).__name__}: {exc}", None
 
     def difference(sid: str) -> tuple[str | None, str | None]:
-        before, after = loaded.get((sid, "composite")), loaded.get((sid, "harmonized"))
+        # Against the input: the composite, or in inverse runs (no composite) the real.
+        before = loaded.get((sid, "composite"), loaded.get((sid, "real")))
+        after = loaded.get((sid, "harmonized"))
         if not (before and after and before[2] and after[2]):
             return None, "composite or harmonized image not loaded"
         try:

@@ -5,6 +5,7 @@ Leaves: `{output}/images/…` (one image per ok sample), `{output}/results/{run_
 (one row per sample processed by this run), and a `RunSummary`.
 
     read_parquet(manifest)                       rows
+    → map_batches(expand_variants)    (fused)    inverse runs: a row per variant
     → map_batches(drop_done)          (fused)    rows not yet done with these parameters
     → repartition(16 rows per block)  streaming  parallel fetch tasks, steady flow
     → map_batches(fetch_and_decode)   CPU tasks  + decoded pixels, status, error
@@ -35,7 +36,7 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset
 from pipeline import preflight
 from pipeline.config import RunConfig
 from pipeline.fetch import fetch_and_decode
-from pipeline.harmonize import HarmonizeActor, check_device, params_hash
+from pipeline.harmonize import HarmonizeActor, check_device, load_classifier, params_hash
 from pipeline.manifest import Manifest
 from pipeline.models import load_harmonizer
 from pipeline.placement import (
@@ -46,6 +47,7 @@ from pipeline.placement import (
     plan_placement,
 )
 from pipeline.storage import absolute, filesystem, join, parquet_dataset, to_pyarrow
+from pipeline.variants import expand_variants
 from pipeline.write import ResultsSink, write_images
 from schemas.results import results_schema_with
 
@@ -129,6 +131,8 @@ def place(config: RunConfig) -> tuple[RunConfig, Placement]:
     paths = {"--manifest": config.manifest}
     if config.model.model_dir:
         paths["--model-dir"] = config.model.model_dir
+    if config.classifier:
+        paths["--classifier"] = config.classifier
     check_paths_reachable(paths, config.output)
     log.info("placement: %s", placement.describe())
     if config.model.device == "auto" and placement.device == "cpu":
@@ -148,14 +152,27 @@ def probe_params_hash(config: RunConfig, placement: Placement) -> str:
     and hash its fingerprint with the output parameters."""
 
     def probe() -> str:
+        from pipeline.models.loading import ModelDirError
+
         check_device(config.model.device)
-        harmonizer = load_harmonizer(config.model, config.storage_options)
-        return params_hash(config.model.name, harmonizer.fingerprint, config.model.output_params())
+        try:
+            harmonizer = load_harmonizer(config.model, config.storage_options)
+            classifier = load_classifier(config, harmonizer.device)
+        except ModelDirError as exc:  # the model directory or the classifier: one line
+            raise preflight.PreflightError(str(exc)) from None
+        return params_hash(
+            config.model.name,
+            harmonizer.fingerprint,
+            config.model.output_params(),
+            classifier.fingerprint if classifier else None,
+        )
 
     try:
         return ray.get(ray.remote(**placement.actor_options())(probe).remote())
     except PlacementError as exc:  # Ray re-raises the worker's error as its own subclass
         raise PlacementError(str(getattr(exc, "cause", exc))) from None
+    except preflight.PreflightError as exc:
+        raise preflight.PreflightError(str(getattr(exc, "cause", exc))) from None
 
 
 def build_dataset(
@@ -175,6 +192,14 @@ def build_dataset(
     dataset = ray.data.read_parquet(
         manifest.files, filesystem=to_pyarrow(fs), schema=manifest.schema
     )  # files unified
+    if config.model.direction == "inverse":
+        # A row per variant, before the done ones are dropped: resume works per variant.
+        dataset = dataset.map_batches(
+            expand_variants,
+            fn_kwargs={"variants": config.variants},
+            batch_format="pyarrow",
+            num_cpus=0.5,
+        )
     if done is not None and len(done):
         dataset = dataset.map_batches(
             drop_done, fn_kwargs={"done": ray.put(done)}, batch_format="pyarrow", num_cpus=0.5
@@ -223,6 +248,10 @@ class RunSummary:
     worse: int  # ... and above or equal to it
     errors: list[str]
     devices: dict[str, int]  # where the model ran ('cuda:<GPU name>', 'cpu') -> samples
+    direction: str = "forward"
+    sources: int = 0  # inverse: manifest samples the variants came from
+    fmse: float | None = None  # inverse: mean fMSE of the generated composites to the real
+    unharmony_prob: float | None = None  # mean over the rows the classifier scored
 
     @property
     def images_per_second(self) -> float:
@@ -247,6 +276,13 @@ class RunSummary:
                 f"composite: {self.better} of {self.better + self.worse} samples, further: "
                 f"{self.worse}"
             )
+        if self.direction == "inverse" and self.mse is not None:
+            lines.append(
+                f"generated composites vs the real (256 px, uint8): MSE {self.mse:.2f}, fMSE "
+                f"{self.fmse:.2f} (how strong the disharmony is), from {self.sources} samples"
+            )
+        if self.unharmony_prob is not None:
+            lines.append(f"harmony classifier: mean unharmony_prob {self.unharmony_prob:.3f}")
         for message in self.errors[:10]:
             lines.append(f"error: {message}")
         if len(self.errors) > 10:
@@ -262,7 +298,8 @@ def _mean(values: list[float | None]) -> float | None:
 def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str) -> RunSummary:
     """Read back the results this execution wrote (a few small columns) and count them."""
     uri = results_dir(config)
-    columns = ["status", "error", "mse", "composite_mse", "device"]
+    columns = ["status", "error", "mse", "composite_mse", "device", "fmse", "unharmony_prob",
+               "source_sample_id"]  # fmt: skip
     table = read_results(uri, config.storage_options, columns, name_prefix=file_prefix)
     rows = table.to_pydict() if table is not None else {name: [] for name in columns}
     pairs = [
@@ -292,6 +329,10 @@ def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str)
         worse=sum(1 for c, m in pairs if m >= c),
         errors=[e for e in rows["error"] if e],
         devices=devices,
+        direction=config.model.direction,
+        sources=len({s for s in rows["source_sample_id"] if s is not None}),
+        fmse=_mean(rows["fmse"]),
+        unharmony_prob=_mean(rows["unharmony_prob"]),
     )
 
 

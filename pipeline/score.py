@@ -45,16 +45,27 @@ to it when they differ) unless said otherwise:
          negative = washed out
   fg_structure = mean over the mask of the SSIM of luma (Gaussian window as ssim): 1 = the
          same structure and contrast; drops with invented content, blur or lost contrast
+  unharmony_prob = the harmony classifier's softmax probability of "unharmonious" for the
+         output, from its 256 px pixels (`models/classifier.py`); with --classifier only
+
+Inverse runs (the input is the real image, the output a generated composite): every metric
+compares the output with the real, so mse / fmse / the Lab gaps / the foreground changes say
+how strong the generated disharmony is, and bg_psnr that the background is the real's; the
+composite_* baseline does not apply.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.imaging import delta_e_2000, eval_resize, eval_resize_mask, resize, rgb_to_lab
+
+if TYPE_CHECKING:
+    from pipeline.models.classifier import HarmonyClassifier
 
 # An identical background has infinite PSNR; capping it keeps means and histograms finite.
 # 100 dB is an MSE of 6.5e-6 (uint8 scale): about one grey level in one channel of one pixel
@@ -69,6 +80,9 @@ GROUND_TRUTH_METRICS = (
     "mse", "psnr", "fmse", "bmse", "composite_mse", "composite_psnr", "composite_fmse",
     "ssim", "mse_full", "psnr_full",
 )  # fmt: skip
+# The input's own metrics against the ground truth (the unharmonized baseline). In inverse runs
+# the input is the ground truth: they do not apply (NaN, stored as null).
+BASELINE_METRICS = ("composite_mse", "composite_psnr", "composite_fmse")
 # ITU-R BT.601 luma, as PIL's "L" conversion.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -385,9 +399,21 @@ def score_batch(
     composite: list[torch.Tensor],
     mask: list[torch.Tensor],
     real: list[torch.Tensor | None],
+    *,
+    input_is_real: bool = False,
+    classifier: HarmonyClassifier | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every metric for a batch: reference-free ones for all samples, ground-truth ones where
-    `real` is given (NaN elsewhere). One resize to 256 px per image serves both."""
+    `real` is given (NaN elsewhere). One resize to 256 px per image serves both.
+
+    `input_is_real` (inverse runs): `composite` holds the model's input, the real image, which
+    is then also the ground truth (`real` is ignored); the output is a generated composite, so
+    its metrics against the real say how strong its disharmony is, and the baseline metrics
+    (input against the real) do not apply. `classifier`: `unharmony_prob` of each output, from
+    the same 256 px pixels (NaN without one).
+    """
+    if input_is_real:
+        real = list(composite)
     output_eval = to_eval_scale(harmonized)
     composite_eval = to_eval_scale(composite)
     mask_eval = masks_to_eval_scale(mask)
@@ -395,6 +421,11 @@ def score_batch(
         harmonized, composite, mask, output_eval, composite_eval, mask_eval
     )
     n = len(harmonized)
+    metrics["unharmony_prob"] = (
+        classifier.unharmony_prob(output_eval).to(output_eval.device)
+        if classifier is not None
+        else torch.full((n,), math.nan, dtype=torch.float64, device=output_eval.device)
+    )
     for name in GROUND_TRUTH_METRICS:
         metrics[name] = torch.full((n,), math.nan, dtype=torch.float64, device=output_eval.device)
     with_real = [k for k in range(n) if real[k] is not None]
@@ -407,4 +438,7 @@ def score_batch(
         scored.update(full_resolution_metrics([harmonized[k] for k in with_real], truth))
         for name, values in scored.items():
             metrics[name][index] = values
+    if input_is_real:
+        for name in BASELINE_METRICS:
+            metrics[name].fill_(math.nan)
     return metrics

@@ -1,7 +1,10 @@
 """The input manifest: one row per sample, Parquet, a single file or a directory of files.
 
-Required: `sample_id` (unique, non-empty string), `composite_uri`, `mask_uri`.
-Optional: `real_uri` (ground truth). Every other column is passed through to the results.
+Required: `sample_id` (unique, non-empty string), `mask_uri`, and the image the model reads:
+`composite_uri` for harmonization (forward), `real_uri` for inverse harmonization (which makes
+a composite from the real image).
+Optional: `real_uri` (ground truth) forward, `composite_uri` inverse (not read). Every other
+column is passed through to the results.
 URIs are absolute (`s3://…`, `/data/…`) or relative to the manifest's folder.
 """
 
@@ -25,6 +28,16 @@ MANIFEST_SCHEMA = pa.schema(
 REQUIRED_COLUMNS = ("sample_id", "composite_uri", "mask_uri")
 OPTIONAL_COLUMNS = ("real_uri",)
 KEY_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+# The image the model reads, by direction: the composite to harmonize, or the real image that
+# inverse harmonization makes a composite from.
+INPUT_COLUMN = {"forward": "composite_uri", "inverse": "real_uri"}
+
+
+def required_columns(direction: str = "forward") -> tuple[str, ...]:
+    """sample_id, the input image's column for `direction`, mask_uri."""
+    return ("sample_id", INPUT_COLUMN[direction], "mask_uri")
+
+
 _MAX_LISTED = 10
 
 
@@ -38,12 +51,13 @@ def _listed(values: list[object]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def validate_schema(schema: pa.Schema) -> None:
+def validate_schema(schema: pa.Schema, direction: str = "forward") -> None:
     """Fail on a missing key column or a key column that is not a string."""
     problems = []
-    for name in REQUIRED_COLUMNS:
+    for name in required_columns(direction):
         if schema.get_field_index(name) < 0:
-            problems.append(f"missing required column {name!r}")
+            what = " (inverse runs read the real image)" if direction == "inverse" else ""
+            problems.append(f"missing required column {name!r}{what}")
     for name in KEY_COLUMNS:
         index = schema.get_field_index(name)
         if index >= 0 and schema.field(index).type not in _STRING_TYPES:
@@ -74,16 +88,18 @@ def _rows(rows: list[int], files: list[tuple[str, int]] | None) -> str:
     return shown + (f" and {more} more files" if more > 0 else "")
 
 
-def validate_manifest(table: pa.Table, files: list[tuple[str, int]] | None = None) -> None:
+def validate_manifest(
+    table: pa.Table, files: list[tuple[str, int]] | None = None, direction: str = "forward"
+) -> None:
     """Check a manifest table's key columns: schema, empty or null values, duplicate ids.
 
     `table` may hold only the key columns (the driver reads no more than those). `files`, the
     name and row count of each file the rows came from in order, makes messages name files.
     """
-    validate_schema(table.schema)
+    validate_schema(table.schema, direction)
     problems = []
     row_numbers = pa.array(range(table.num_rows), pa.int64())
-    for name in REQUIRED_COLUMNS:
+    for name in required_columns(direction):
         column = table.column(name)
         bad = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(column), 0))
         bad_rows = pc.filter(row_numbers, pc.fill_null(bad, True)).to_pylist()

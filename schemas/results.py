@@ -1,4 +1,5 @@
-"""The results dataset: exactly one row per input sample, written under `{output}/results/`.
+"""The results dataset: one row per input sample (per variant in inverse runs), written under
+`{output}/results/`.
 
 Every column has a description in its field metadata (`harmonize schema` prints them). The
 manifest's extra columns follow these, unchanged.
@@ -21,11 +22,43 @@ def _metric(name: str, description: str, better: str) -> pa.Field:
 
 
 RESULTS_FIELDS = [
-    _field("sample_id", pa.string(), "the manifest's sample id", nullable=False),
-    _field("composite_uri", pa.string(), "composite image read (absolute URI)"),
+    _field(
+        "sample_id",
+        pa.string(),
+        "the manifest's sample id; inverse runs: one per variant, '{source_sample_id}__v{k}'",
+        nullable=False,
+    ),
+    _field(
+        "source_sample_id",
+        pa.string(),
+        "inverse runs: the manifest's sample id the variant was made from; null forward",
+    ),
+    _field(
+        "variant",
+        pa.int32(),
+        "inverse runs: k of the sample's variants, seeded from (seed, sample_id, k); null forward",
+    ),
+    _field(
+        "direction",
+        pa.string(),
+        "'forward' (harmonize the composite) or 'inverse' (make a composite from the real)",
+    ),
+    _field(
+        "composite_uri",
+        pa.string(),
+        "composite image read (absolute URI); null inverse (output_uri is the new composite)",
+    ),
     _field("mask_uri", pa.string(), "mask read (absolute URI)"),
-    _field("real_uri", pa.string(), "ground truth read (absolute URI), null without one"),
-    _field("output_uri", pa.string(), "harmonized image written; null when status is error"),
+    _field(
+        "real_uri",
+        pa.string(),
+        "ground truth read (absolute URI), null without one; inverse runs: the input image",
+    ),
+    _field(
+        "output_uri",
+        pa.string(),
+        "image written (harmonized, or inverse: the new composite); null when status is error",
+    ),
     _field("status", pa.string(), "'ok' or 'error'", nullable=False),
     _field("error", pa.string(), "null when ok, else the sample id, stage and cause"),
     _field("width", pa.int32(), "the composite's original width in pixels"),
@@ -34,6 +67,11 @@ RESULTS_FIELDS = [
     _field("model_fingerprint", pa.string(), "hash of the model's weights and configuration"),
     _field("params_hash", pa.string(), "hash of model, fingerprint and every output parameter"),
     _field("model_params", pa.string(), "JSON of every parameter that affects the output"),
+    _field(
+        "classifier_fingerprint",
+        pa.string(),
+        "sha256 of the harmony classifier's weights (--classifier); null without one",
+    ),
     _field("device", pa.string(), "where the model ran: 'cuda:<GPU name>' or 'cpu'"),
     _field("resolution", pa.int32(), "square working resolution of the model"),
     _field("steps", pa.int32(), "stage-1 scheduler steps"),
@@ -52,9 +90,19 @@ RESULTS_FIELDS = [
     _metric("psnr", "PSNR harmonized vs real, 10 log10(255^2 / mse) dB; [0, inf]", "higher"),
     _metric("fmse", "foreground MSE harmonized vs real, 256x256; [0, 65025]", "lower"),
     _metric("bmse", "background MSE harmonized vs real, 256x256; [0, 65025]", "lower"),
-    _metric("composite_mse", "MSE composite vs real, same convention (baseline)", "lower"),
-    _metric("composite_psnr", "PSNR composite vs real, same convention (baseline)", "higher"),
-    _metric("composite_fmse", "fMSE composite vs real, same convention (baseline)", "lower"),
+    _metric(
+        "composite_mse", "MSE composite vs real, same convention (baseline); null inverse", "lower"
+    ),
+    _metric(
+        "composite_psnr",
+        "PSNR composite vs real, same convention (baseline); null inverse",
+        "higher",
+    ),
+    _metric(
+        "composite_fmse",
+        "fMSE composite vs real, same convention (baseline); null inverse",
+        "lower",
+    ),
     _metric("ssim", "SSIM harmonized vs real, 256x256, Gaussian window; [-1, 1]", "higher"),
     _metric("mse_full", "MSE harmonized vs real at the output's own size; [0, 65025]", "lower"),
     _metric("psnr_full", "PSNR harmonized vs real at the output's own size (dB)", "higher"),
@@ -105,6 +153,12 @@ RESULTS_FIELDS = [
         "higher",
     ),
     _metric("mask_area", "fraction of the image inside the mask; (0, 1)", "none"),
+    _metric(
+        "unharmony_prob",
+        "harmony classifier's probability that the output looks unharmonious (ResNet-50, "
+        "256 px); [0, 1]; null without --classifier",
+        "lower",
+    ),
     _field("run_id", pa.string(), "the run that produced this row", nullable=False),
     _field("created_at", pa.timestamp("us", tz="UTC"), "when the row was written"),
 ]

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow.dataset as pads
+from tiny_checkpoint import write_harmony_classifier, write_tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,6 +71,7 @@ def test_ray_job_submit_against_local_head(demo_manifest: str, tmp_path: Path) -
     )  # fmt: skip
     url = f"http://127.0.0.1:{dashboard}"
     output = tmp_path / "out"
+    generated = tmp_path / "generated"
     try:
         wait_for_dashboard(url, head, log_path)
         job = subprocess.run(
@@ -82,6 +84,26 @@ def test_ray_job_submit_against_local_head(demo_manifest: str, tmp_path: Path) -
         printed = job.stdout + job.stderr
         assert job.returncode == 0, printed[-4000:]
         assert "succeeded" in printed and "8 samples, 8 ok, 0 error" in printed
+
+        # DiffHarmony++ through the same entry point: inverse harmonization (two variants per
+        # real image) with the harmony classifier, both in the release's formats.
+        inverse_dir = write_tiny_model_dir(
+            tmp_path / "inverse", harmony_vae=True, direction="inverse"
+        )
+        classifier = write_harmony_classifier(tmp_path / "harmony_classifier")
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
+             "--", "python", "jobs/harmonize.py", "--manifest", demo_manifest,
+             "--output", str(generated), "--model", "diffharmony", "--model-dir",
+             str(inverse_dir), "--direction", "inverse", "--variants", "2", "--classifier",
+             str(classifier), "--allow-unsafe-pickle", "--resolution", "64", "--steps", "2",
+             "--no-progress", "--run-id", "inverse"],
+            env=env, capture_output=True, text=True, timeout=420,
+        )  # fmt: skip
+        printed = job.stdout + job.stderr
+        assert job.returncode == 0, printed[-4000:]
+        assert "succeeded" in printed and "16 samples, 16 ok, 0 error" in printed
+        assert "harmony classifier: mean unharmony_prob" in printed
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)
@@ -95,3 +117,9 @@ def test_ray_job_submit_against_local_head(demo_manifest: str, tmp_path: Path) -
     assert results.num_rows == 8 and set(results["status"].to_pylist()) == {"ok"}
     for uri in results["output_uri"].to_pylist():
         assert Path(uri).is_file()
+    rows = pads.dataset(str(generated / "results" / "inverse")).to_table().to_pylist()
+    assert sorted(r["sample_id"] for r in rows) == sorted(
+        f"{r['source_sample_id']}__v{k}" for r in rows if r["variant"] == 0 for k in (0, 1)
+    )
+    assert all(Path(r["output_uri"]).name == f"{r['sample_id']}.png" for r in rows)
+    assert all(r["unharmony_prob"] is not None and r["direction"] == "inverse" for r in rows)

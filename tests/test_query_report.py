@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from skimage.metrics import mean_squared_error
+from tiny_checkpoint import write_harmony_classifier
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -44,11 +45,14 @@ RUN_ID = "metrics-run"
 def demo_run(
     ray_cluster: None, demo_manifest: str, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, pa.Table]:
-    """(output prefix, results table) of one run of the demo set."""
+    """(output prefix, results table) of one run of the demo set, scored by the harmony
+    classifier too (the release's pickled state dict)."""
     output = str(tmp_path_factory.mktemp("query") / "output")
+    classifier = write_harmony_classifier(tmp_path_factory.mktemp("release") / "classifier")
     config = RunConfig(
-        manifest=demo_manifest, output=output, model=ModelConfig(resolution=128),
-        batch_size=3, show_progress=False, run_id=RUN_ID,
+        manifest=demo_manifest, output=output,
+        model=ModelConfig(resolution=128, allow_unsafe_pickle=True), batch_size=3,
+        show_progress=False, run_id=RUN_ID, classifier=str(classifier),
     )  # fmt: skip
     summary = run(config)
     assert (summary.ok, summary.error) == (8, 0), summary.errors

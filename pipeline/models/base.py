@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.imaging import carry_back, resize
+from pipeline.imaging import carry_back, resize, resize_each
 
 
 @dataclass
 class HarmonizeBatch:
     sample_ids: list[str]
-    composites: list[torch.Tensor]  # each (3, H_i, W_i) float32 in [0, 1], on the model's device
+    # The input images: composites; in inverse runs, the real images. Each (3, H_i, W_i)
+    # float32 in [0, 1], on the model's device.
+    composites: list[torch.Tensor]
     masks: list[torch.Tensor]  # each (1, H_i, W_i) float32 in {0, 1}, same device
     seeds: list[int]  # per-sample seeds from `sample_seed`
 
@@ -33,7 +36,17 @@ class HarmonizeBatch:
 
 def sample_seed(run_seed: int, sample_id: str) -> int:
     """A 63-bit seed from (run seed, sample_id): a sample's noise never depends on its batch."""
-    digest = hashlib.blake2b(f"{run_seed}:{sample_id}".encode(), digest_size=8).digest()
+    return _seed(f"{run_seed}:{sample_id}")
+
+
+def variant_seed(run_seed: int, sample_id: str, variant: int) -> int:
+    """The seed of an inverse run's variant k of a sample: from (run seed, sample_id, k), so a
+    variant is reproducible alone and independent of batching and of the variant count."""
+    return _seed(f"{run_seed}:{sample_id}:variant:{variant}")
+
+
+def _seed(key: str) -> int:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -71,6 +84,9 @@ class Harmonizer(ABC):
     def finish(self, batch: HarmonizeBatch, harmonized_low: torch.Tensor) -> list[torch.Tensor]:
         """From the model's square output (B, 3, h, w) to the images the pipeline writes.
 
+        In inverse runs the input (`composites`) is the real image: its background is the
+        output's, pixel-exact at the input's size, or resized to the square output.
+
         output_size "input": the change is carried back to each composite's own size; the
         background pixels are the composite's, exactly. output_size "model": the official
         square `output_resolution` image as the model made it, background included (for
@@ -79,7 +95,17 @@ class Harmonizer(ABC):
         """
         if self.config.output_size == "model":
             size = (self.config.output_resolution, self.config.output_resolution)
-            return list(resize(harmonized_low.float(), size).clamp(0, 1))
+            square = resize(harmonized_low.float(), size).clamp(0, 1)  # (B, 3, r, r)
+            if self.config.direction == "inverse":
+                # As the official inverse.py: the real image's background (resized to r) back.
+                side = self.config.output_resolution
+                mask = torch.cat([
+                    F.interpolate(m[None].float(), size=size, mode="nearest-exact")
+                    for m in batch.masks
+                ])  # (B, 1, r, r), pixel centres as PIL's nearest  # fmt: skip
+                real = resize_each(batch.composites, side).clamp(0, 1)  # (B, 3, r, r)
+                square = square * mask + real * (1 - mask)
+            return list(square)
         return [
             carry_back(composite, mask, low.float())
             for composite, mask, low in zip(batch.composites, batch.masks, harmonized_low)
