@@ -103,6 +103,28 @@ def test_both_stages_in_half_precision_match_fp32_on_the_gpu(tiny_dir: Path, dty
     assert max(errors) < TOLERANCE[dtype], errors
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_harmony_vae_stage1_in_every_dtype_matches_fp32_on_the_gpu(
+    tmp_path_factory: pytest.TempPathFactory, dtype: str
+) -> None:
+    """DiffHarmony++'s Harmony-VAE decoding (its conditional encoder, the posterior drawn from
+    each sample's CUDA generator) in fp32/fp16/bf16 against fp32 on the GPU."""
+    model_dir = write_tiny_model_dir(tmp_path_factory.mktemp("cvae") / "model", harmony_vae=True)
+    composite, mask = _inputs(3, 64)
+
+    def stage1(model: DiffHarmonyHarmonizer) -> torch.Tensor:
+        generators = [torch.Generator("cuda").manual_seed(s) for s in (1, 2, 3)]
+        with torch.inference_mode():
+            return model.stage1(composite.cuda(), mask.cuda(), generators)
+
+    ref = stage1(_harmonizer(model_dir, "cuda", "fp32"))
+    model = _harmonizer(model_dir, "cuda", dtype)
+    assert model.harmony_vae and next(model.vae.parameters()).dtype == model.dtype
+    error = relative_error(stage1(model), ref)
+    print(f"cuda {dtype} Harmony-VAE stage 1 vs fp32: {error:.2e}")
+    assert error < TOLERANCE[dtype], error
+
+
 def _run(manifest: str, output: Path, model_dir: Path, dtype: str) -> dict[str, np.ndarray]:
     """One CLI run; returns sample id -> harmonized image (H, W, 3) uint8."""
     result = CliRunner().invoke(

@@ -264,6 +264,17 @@ def test_harmony_vae_output_does_not_depend_on_its_batch(harmony_vae_dir: Path) 
     assert torch.equal(alone[background], composite[background])  # carried back as before
 
 
+def test_harmony_vae_runs_in_bf16_on_the_cpu(harmony_vae_dir: Path) -> None:
+    """Every tensor of the Harmony-VAE path in the run's dtype (the condition, its posterior
+    noise). bf16 draws on the CPU differ from fp32 draws, so only range and finiteness are
+    checked here; tests/test_cuda.py compares the dtypes on a GPU, where draws agree."""
+    model = load_harmonizer(_config(harmony_vae_dir, dtype="bf16"))
+    assert model.dtype == torch.bfloat16 and next(model.vae.parameters()).dtype == torch.bfloat16
+    output = model.harmonize(_batch(["b"]))[0]
+    assert output.dtype == torch.float32 and torch.isfinite(output).all()
+    assert 0.0 <= output.min() and output.max() <= 1.0
+
+
 def test_euler_ancestral_step_is_the_schedulers_step_bit_for_bit(
     harmonizer: DiffHarmonyHarmonizer,
 ) -> None:
