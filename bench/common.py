@@ -287,12 +287,13 @@ def demo_inputs(work: Path, samples: int) -> str:
 
 def decode_manifest(manifest: str) -> list[dict[str, Any]]:
     """Every row decoded exactly as the pipeline's fetch stage does (not timed by callers)."""
+    from pipeline.config import DEFAULT_MAX_PIXELS
     from pipeline.decode import decode_sample
 
     rows = []
     for row in pq.read_table(manifest).to_pylist():
         files = [Path(row[c]).read_bytes() for c in ("composite_uri", "mask_uri", "real_uri")]
-        composite, mask, real = decode_sample(*files, max_pixels=64_000_000)
+        composite, mask, real = decode_sample(*files, max_pixels=DEFAULT_MAX_PIXELS)
         rows.append({"sample_id": row["sample_id"], "composite": composite, "mask": mask,
                      "real": real})  # fmt: skip
     return rows

@@ -18,7 +18,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from pipeline.config import ModelConfig, RunConfig
+from pipeline.config import DEFAULT_MAX_PIXELS, ModelConfig, RunConfig
 
 app = typer.Typer(
     help="Harmonize composite images at scale: manifests on object storage in, harmonized "
@@ -136,7 +136,10 @@ GpusPerActorArg = Annotated[
     ),
 ]
 MaxPixelsArg = Annotated[
-    int, typer.Option(help="Refuse input images with more pixels than this (per-sample error).")
+    int,
+    typer.Option(
+        help="Refuse images with more pixels than this, from their header (a per-sample error)."
+    ),
 ]
 StorageOptionArg = Annotated[
     list[str],
@@ -188,7 +191,7 @@ def run_command(
     batch_size: BatchArg = 4,
     concurrency: ConcurrencyArg = None,
     gpus_per_actor: GpusPerActorArg = None,
-    max_pixels: MaxPixelsArg = 64_000_000,
+    max_pixels: MaxPixelsArg = DEFAULT_MAX_PIXELS,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
     run_id: RunIdArg = None,
@@ -502,6 +505,7 @@ def evaluate_command(
         str | None, typer.Option(help="Also write per-image metrics to this Parquet URI.")
     ] = None,
     workers: Annotated[int, typer.Option(help="Threads fetching and decoding images.")] = 16,
+    max_pixels: MaxPixelsArg = DEFAULT_MAX_PIXELS,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
 ) -> None:
@@ -517,6 +521,7 @@ def evaluate_command(
         evaluation = evaluate(
             results, options, use_gt_bg=use_gt_bg, params_hash=params_hash,
             score="composite" if composites else "output", workers=workers,
+            max_pixels=max_pixels,
         )  # fmt: skip
     except EvaluationError as exc:
         _fail(exc, 2)
@@ -599,6 +604,7 @@ def report_command(
     where: Annotated[str | None, typer.Option(help="Only the samples matching this.")] = None,
     params_hash: ParamsHashArg = None,
     thumbnail_size: Annotated[int, typer.Option(help="Longest thumbnail side in px.")] = 192,
+    max_pixels: MaxPixelsArg = DEFAULT_MAX_PIXELS,
     storage_option: StorageOptionArg = [],  # noqa: B006 (typer reads the default)
     endpoint_url: EndpointArg = None,
 ) -> None:
@@ -610,7 +616,7 @@ def report_command(
     try:
         summary = build_report(
             results, out, options, metric=metric, count=count, seed=seed, where=where,
-            params_hash=params_hash, thumbnail_size=thumbnail_size,
+            params_hash=params_hash, thumbnail_size=thumbnail_size, max_pixels=max_pixels,
         )  # fmt: skip
     except QueryError as exc:
         _fail(exc, 2)

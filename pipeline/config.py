@@ -17,6 +17,9 @@ ModelName = Literal["reinhard", "diffharmony", "identity"]
 ImageFormat = Literal["png", "jpg", "webp"]
 OutputSize = Literal["input", "model"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
+# Images with more pixels are refused from their header (a run's samples, the offline tools'
+# images alike): a decompression bomb never gets decoded.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class RunConfig:
     # Rows per results Parquet file: also how much finished work a crash can cost to redo.
     results_rows_per_file: int = 1000
     # Images above this many pixels are refused per sample (protects memory).
-    max_pixels: int = 64_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     # fsspec storage options (endpoint_url, key, secret, …); never printed.
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     run_id: str = field(default_factory=lambda: new_run_id())

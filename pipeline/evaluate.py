@@ -23,7 +23,8 @@ is the official one to the last digit; the pipeline's per-sample columns resize 
 function, so for lossless outputs (PNG, WebP lossless) a row's `mse`/`fmse`/`bmse`/`psnr`
 equal its line here.
 Departures: images are decoded by the pipeline's rules (`decode.py`: each file's own EXIF
-orientation, the mask rule; files without an orientation tag and 0/255 masks are unaffected); a
+orientation, the mask rule, the pixel limit; files without an orientation tag and 0/255 masks
+are unaffected); a
 metric that is undefined for an image (fMSE when the mask vanishes at 256 px) is left out of
 that metric's mean and counted, where the official script's mean would become NaN.
 
@@ -46,9 +47,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
-from pipeline.decode import to_mask, to_rgb, upright
+from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.decode import decode_mask, decode_rgb
 from pipeline.imaging import EVAL_SIZE, eval_resize, eval_resize_mask
 from pipeline.run import read_results
 from pipeline.score import mse, psnr, region_mse
@@ -213,22 +214,24 @@ def _row(name: str, score: GroupScore) -> str:
 # --- images ---------------------------------------------------------------------------------
 
 
-def _decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
 def load_eval_images(
-    image_uri: str, real_uri: str, mask_uri: str, storage_options: dict[str, Any]
+    image_uri: str,
+    real_uri: str,
+    mask_uri: str,
+    storage_options: dict[str, Any],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sample at the evaluation scale: image and real (256, 256, 3) uint8, mask (256, 256)
-    uint8 in {0, 1}, resampled as the official script does."""
+    uint8 in {0, 1}, resampled as the official script does. Images over `max_pixels` are
+    refused from their header."""
     arrays: dict[str, np.ndarray] = {}
     for what, uri in (("image", image_uri), ("real", real_uri), ("mask", mask_uri)):
         try:
-            image = upright(_decode(read_bytes(uri, storage_options)))
-            arrays[what] = to_mask(image) if what == "mask" else to_rgb(image, what)
+            data = read_bytes(uri, storage_options)
+            if what == "mask":
+                arrays[what] = decode_mask(data, what, max_pixels)
+            else:
+                arrays[what] = decode_rgb(data, what, max_pixels)
         except FileNotFoundError:
             raise ValueError(f"{what} not found: {uri}") from None
         except Exception as exc:
@@ -333,10 +336,12 @@ def evaluate(
     score: str = "output",
     batch_size: int = 64,
     workers: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Evaluation:
     """Score every sample of the results the way the official iHarmony4 script does.
 
     score: "output" (the harmonized images) or "composite" (the unharmonized baseline).
+    An image over `max_pixels` is not scored (refused from its header, as a run refuses it).
     """
     if score not in ("output", "composite"):
         raise EvaluationError(f"score must be 'output' or 'composite', not {score!r}")
@@ -360,7 +365,9 @@ def evaluate(
 
     def load(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
         try:
-            return load_eval_images(row[image_column], row["real_uri"], row["mask_uri"], options)
+            return load_eval_images(
+                row[image_column], row["real_uri"], row["mask_uri"], options, max_pixels
+            )
         except ValueError as exc:
             return str(exc)
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.decode import to_mask, to_rgb, upright
+from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.decode import decode_mask, decode_rgb
 from pipeline.query import (
     QUANTILE_LABELS,
     QueryError,
@@ -178,15 +179,16 @@ def _picks(
     return [(title, results.query(sql, where).to_pylist()) for title, sql in sections]
 
 
-def thumbnail(data: bytes, size: int, mask: bool = False) -> str:
-    """Encoded image -> a JPEG data URI at most `size` px a side (decoded as the pipeline does)."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale, much faster
-    image = upright(image)
+def thumbnail(
+    data: bytes, size: int, mask: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> str:
+    """Encoded image -> a JPEG data URI at most `size` px a side (decoded as the pipeline does,
+    with its pixel limit)."""
+    draft = (size * 2, size * 2)  # JPEG: decode at a reduced scale, much faster
     if mask:
-        picture = Image.fromarray(to_mask(image) * 255)
+        picture = Image.fromarray(decode_mask(data, "mask", max_pixels, draft) * 255)
     else:
-        picture = Image.fromarray(to_rgb(image))
+        picture = Image.fromarray(decode_rgb(data, "image", max_pixels, draft))
     picture.thumbnail((size, size), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
@@ -196,16 +198,17 @@ def thumbnail(data: bytes, size: int, mask: bool = False) -> str:
 DIFFERENCE_GAIN = 4  # |output - composite| x 4: a change of 16 grey levels shows as 64
 
 
-def difference_thumbnail(composite: bytes, output: bytes, size: int) -> str:
+def difference_thumbnail(
+    composite: bytes, output: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> str:
     """|output - composite| x DIFFERENCE_GAIN as a JPEG data URI: what the model changed (the
     output resized to the composite's size when `--output-size model` made it square)."""
     import numpy as np
 
-    pictures = []
-    for data in (composite, output):
-        image = Image.open(io.BytesIO(data))
-        pictures.append(Image.fromarray(to_rgb(upright(image))))
-    before, after = pictures
+    before, after = (
+        Image.fromarray(decode_rgb(data, what, max_pixels))
+        for data, what in ((composite, "composite"), (output, "output"))
+    )
     if after.size != before.size:
         after = after.resize(before.size, Image.Resampling.BILINEAR)
     change = np.abs(np.asarray(after, np.int16) - np.asarray(before, np.int16))
@@ -388,8 +391,10 @@ def build_report(
     where: str | None = None,
     thumbnail_size: int = 192,
     workers: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ReportSummary:
-    """Write the report page to `out`; see the top of the file."""
+    """Write the report page to `out`; see the top of the file. Images over `max_pixels` are
+    refused from their header and shown as a red box naming the cause."""
     options = storage_options or {}
     results = connect(results_uri, options, params_hash)
     stats = compute_stats(results, where)
@@ -417,7 +422,8 @@ def build_report(
     def load(key: tuple[str, str]) -> tuple[str | None, str | None, bytes | None]:
         try:
             data = read_bytes(wanted[key], options)
-            return thumbnail(data, thumbnail_size, mask=key[1] == "mask"), None, data
+            picture = thumbnail(data, thumbnail_size, key[1] == "mask", max_pixels)
+            return picture, None, data
         except Exception as exc:  # shown in the page and the summary; the report goes on
             return None, f"{type(exc).__name__}: {exc}", None
 
@@ -426,7 +432,7 @@ def build_report(
         if not (before and after and before[2] and after[2]):
             return None, "composite or harmonized image not loaded"
         try:
-            return difference_thumbnail(before[2], after[2], thumbnail_size), None
+            return difference_thumbnail(before[2], after[2], thumbnail_size, max_pixels), None
         except Exception as exc:
             return None, f"{type(exc).__name__}: {exc}"
 
