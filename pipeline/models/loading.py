@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from pipeline.models.refiner import OFFICIAL_CLASS_NAME, RefinerUNet
+from pipeline.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -745,7 +746,8 @@ def resolve_model_dir(
     """The local folder to load from: a plain path as is, a URI through the node cache.
 
     Credentials and endpoints come from `storage_options` or the environment (e.g. AWS_* and
-    FSSPEC_S3_ENDPOINT_URL for s3://).
+    FSSPEC_S3_ENDPOINT_URL for s3://); the filesystem is `storage.filesystem`'s, with the retry
+    settings of every other read.
     """
     if not is_remote(uri):
         local = Path(uri).expanduser()
@@ -753,12 +755,10 @@ def resolve_model_dir(
             raise ModelDirError(f"{local}: model directory not found")
         return local
 
-    import fsspec
-
     local = cache_path(uri, cache_dir)
     local.parent.mkdir(parents=True, exist_ok=True)
     with _node_lock(local.parent / f"{local.name}.lock"):
-        fs, remote_root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, remote_root = filesystem(uri, storage_options or {})
         try:
             listing: dict[str, int] | None = list_tree(fs, remote_root)
         except Exception as error:
