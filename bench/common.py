@@ -210,7 +210,7 @@ def build_components(size: str, device: torch.device, dtype: torch.dtype, seed: 
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from pipeline.models.loading import DiffHarmonyComponents
+    from pipeline.models.components import DiffHarmonyComponents
     from pipeline.models.refiner import RefinerUNet
 
     generator_devices = [device] if device.type == "cuda" else []
@@ -277,7 +277,7 @@ def grown_manifest(demo_manifest: str, path: Path, samples: int) -> str:
 
 def demo_inputs(work: Path, samples: int) -> str:
     """The demo dataset under `work/demo` (built once) and a manifest of `samples` rows."""
-    from pipeline.demo import build_demo
+    from pipeline.datasets.demo import build_demo
 
     demo = work / "demo" / "manifest.parquet"
     if not demo.is_file():

@@ -29,11 +29,13 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.demo import OBJECTS, lab_statistics, load_photo, make_composite, object_mask
-from pipeline.evaluate import EvaluationError, evaluate
-from pipeline.manifests import ManifestBuildError, build_folder, build_iharmony4
+from pipeline.datasets.build import ManifestBuildError
+from pipeline.datasets.demo import OBJECTS, lab_statistics, load_photo, make_composite, object_mask
+from pipeline.datasets.folder import build_folder
+from pipeline.datasets.iharmony4 import build_iharmony4
 from pipeline.run import read_results, run
 from pipeline.storage import filesystem, join, write_atomic
+from pipeline.tools.evaluate import EvaluationError, evaluate
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def _encode(pixels: np.ndarray, fmt: str) -> bytes:
 
 def build_tree(root: str, options: dict[str, Any]) -> None:
     """The miniature iHarmony4 tree under `root` (any URI), made as iHarmony4 was: a real
-    object's mask and a colour transfer from another photo's object (pipeline/demo.py)."""
+    object's mask and a colour transfer from another photo's object (pipeline/datasets/demo.py)."""
     statistics: dict[tuple[str, str], Any] = {}
     for c in TREE:
         photo = load_photo(c.photo)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.demo import build_demo
+from pipeline.datasets.demo import build_demo
 from pipeline.run import results_dir, run
 from pipeline.storage import filesystem, read_bytes, resolve, to_pyarrow
 

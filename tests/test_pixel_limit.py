@@ -80,7 +80,7 @@ def _results(tmp_path: Path, **uris: str) -> str:
 
 
 def test_evaluate_refuses_an_image_over_the_pixel_limit(bomb: Path, tmp_path: Path) -> None:
-    from pipeline.evaluate import evaluate
+    from pipeline.tools.evaluate import evaluate
 
     evaluation = evaluate(_results(tmp_path, output_uri=str(bomb)))
     assert evaluation.per_image.num_rows == 0
@@ -90,7 +90,7 @@ def test_evaluate_refuses_an_image_over_the_pixel_limit(bomb: Path, tmp_path: Pa
 
 
 def test_report_refuses_an_image_over_the_pixel_limit(bomb: Path, tmp_path: Path) -> None:
-    from pipeline.report import build_report
+    from pipeline.tools.report import build_report
 
     summary = build_report(
         _results(tmp_path, composite_uri=str(bomb)), str(tmp_path / "report.html")

@@ -30,11 +30,11 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.manifest import open_manifest
-from pipeline.query import MANIFEST_METRIC_PREFIX, QueryError, select
-from pipeline.report import IMAGE_KINDS, build_report
 from pipeline.run import read_results, run
 from pipeline.score import BG_PSNR_CAP
 from pipeline.storage import filesystem
+from pipeline.tools.query import MANIFEST_METRIC_PREFIX, QueryError, select
+from pipeline.tools.report import IMAGE_KINDS, build_report
 from schemas.results import METRIC_COLUMNS, RESULTS_SCHEMA
 
 RUN_ID = "metrics-run"

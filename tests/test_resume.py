@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.query import select, stats
 from pipeline.run import list_runs, read_results, run
+from pipeline.tools.query import select, stats
 
 REPO = Path(__file__).resolve().parent.parent
 

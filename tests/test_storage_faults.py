@@ -10,7 +10,7 @@ from flaky_proxy import FlakyProxy
 from tiny_checkpoint import write_tiny_model_dir
 
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.demo import build_demo
+from pipeline.datasets.demo import build_demo
 from pipeline.models import load_harmonizer
 from pipeline.run import read_results, run
 from pipeline.storage import filesystem

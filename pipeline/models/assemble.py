@@ -9,7 +9,7 @@ Enters: three downloads, as local paths or fsspec URIs (s3://, gs://, file://, .
   says UNet2DCustom (`unet` / `refiner` name a folder instead, when the release holds several);
   a DiffHarmony++ ConditionVAE folder is recognised and reported, not used;
 and `out`, where the model directory goes (absent or empty).
-Leaves: at `out`, the layout `pipeline.models.loading` reads, with safetensors only (pickles
+Leaves: at `out`, the layout `pipeline.models.components` loads, with safetensors only (pickles
 converted tensor for tensor, only when allowed), `empty_prompt_embeds.safetensors`, and
 MODEL_CARD.md (sources, sha256 of every file, licence note), judged by `check_model_dir` before
 it is published; an `AssembleReport` saying what was taken from where. Any problem raises
@@ -35,30 +35,31 @@ from typing import Any
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.models.loading import (
-    DIFFUSERS,
+from pipeline.models.cache import file_checksums, list_tree
+from pipeline.models.check import check_model_dir
+from pipeline.models.components import save_empty_prompt_embeds
+from pipeline.models.layout import (
     EMPTY_PROMPT_EMBEDS,
     REFINER,
     SCHEDULER,
     TEXT_ENCODER,
     TOKENIZER,
-    TRANSFORMERS,
     UNET,
     UNET_IN_CHANNELS,
     VAE,
     ModelDirError,
-    WeightsChoice,
-    check_model_dir,
-    choose_weights,
     describe_error,
-    file_checksums,
+)
+from pipeline.models.refiner import OFFICIAL_CLASS_NAME
+from pipeline.models.weights import (
+    DIFFUSERS,
+    TRANSFORMERS,
+    WeightsChoice,
+    choose_weights,
     library_weight_names,
-    list_tree,
-    save_empty_prompt_embeds,
     shard_names,
     with_variant,
 )
-from pipeline.models.refiner import OFFICIAL_CLASS_NAME
 from pipeline.storage import filesystem, join
 
 MODEL_CARD = "MODEL_CARD.md"

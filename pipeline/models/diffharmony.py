@@ -33,7 +33,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from pipeline.config import ModelConfig
 from pipeline.imaging import binarize, resize, resize_each
 from pipeline.models.base import HarmonizeBatch, Harmonizer, fingerprint_of, resolve_dtype
-from pipeline.models.loading import ModelDirError, load_components
+from pipeline.models.components import load_components
+from pipeline.models.layout import ModelDirError
 
 FINGERPRINT_VERSION = "diffharmony-v1"
 

@@ -292,7 +292,7 @@ def demo_command(
 
     The previous demo output, if any, is replaced.
     """
-    from pipeline.demo import build_demo
+    from pipeline.datasets.demo import build_demo
 
     manifest = build_demo(str(root.resolve()))
     typer.echo(f"demo dataset: {manifest}")
@@ -311,7 +311,7 @@ def model_check_command(
     endpoint_url: EndpointArg = None,
 ) -> None:
     """Validate a DiffHarmony model directory: layout, configs, shapes, weight keys."""
-    from pipeline.models.loading import check_model_dir
+    from pipeline.models.check import check_model_dir
 
     problems = check_model_dir(
         model_dir,
@@ -429,7 +429,7 @@ ManifestOutArg = Annotated[
 
 def _print_build(build: Any) -> None:
     """Run a manifest build; its report goes to stdout, a build that cannot be made exits 1."""
-    from pipeline.manifests import ManifestBuildError
+    from pipeline.datasets.build import ManifestBuildError
     from schemas.manifest import ManifestError
 
     try:
@@ -454,7 +454,7 @@ def manifest_iharmony4_command(
 
     Samples with missing files are left out and listed; the build goes on.
     """
-    from pipeline.manifests import build_iharmony4
+    from pipeline.datasets.iharmony4 import build_iharmony4
 
     options = parse_storage_options(storage_option, endpoint_url)
     _print_build(lambda: build_iharmony4(root, out, split, subset or None, options))
@@ -482,7 +482,7 @@ def manifest_folder_command(
 
     Samples with missing files are left out and listed; the build goes on.
     """
-    from pipeline.manifests import build_folder
+    from pipeline.datasets.folder import build_folder
 
     options = parse_storage_options(storage_option, endpoint_url)
     _print_build(
@@ -514,7 +514,7 @@ def evaluate_command(
     MSE, PSNR, fMSE and bMSE at 256x256 on the uint8 scale, per subset and All (mean over
     images), and by foreground ratio (0-5 %, 5-15 %, 15-100 %).
     """
-    from pipeline.evaluate import EvaluationError, evaluate
+    from pipeline.tools.evaluate import EvaluationError, evaluate
 
     options = parse_storage_options(storage_option, endpoint_url)
     try:
@@ -558,7 +558,7 @@ def select_command(
     `harmonize run` reads it back), mask_uri, real_uri, provenance, metric_* columns and the
     original manifest's extra columns.
     """
-    from pipeline.query import QueryError, select
+    from pipeline.tools.query import QueryError, select
 
     options = parse_storage_options(storage_option, endpoint_url)
     try:
@@ -581,7 +581,7 @@ def stats_command(
     endpoint_url: EndpointArg = None,
 ) -> None:
     """Ok / error counts, per-metric quantiles and, with a subset column, means per subset."""
-    from pipeline.query import QueryError, stats
+    from pipeline.tools.query import QueryError, stats
 
     options = parse_storage_options(storage_option, endpoint_url)
     try:
@@ -609,8 +609,8 @@ def report_command(
     endpoint_url: EndpointArg = None,
 ) -> None:
     """One self-contained HTML page: metric histograms, best / worst / random thumbnails."""
-    from pipeline.query import QueryError
-    from pipeline.report import build_report
+    from pipeline.tools.query import QueryError
+    from pipeline.tools.report import build_report
 
     options = parse_storage_options(storage_option, endpoint_url)
     try:

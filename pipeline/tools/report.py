@@ -13,7 +13,7 @@ Nothing is loaded from elsewhere: a Content-Security-Policy allows only data: im
 inline styles and the one inline script (by its hash). That script records on <body> how
 many images loaded and how many failed (`data-images-loaded`, `data-images-broken`), which
 the browser test reads back. Aggregates and picks are computed by DuckDB over the results
-(`pipeline/query.py`); only the picked samples' images are fetched.
+(`pipeline/tools/query.py`); only the picked samples' images are fetched.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from PIL import Image
 
 from pipeline.config import DEFAULT_MAX_PIXELS
 from pipeline.decode import decode_mask, decode_rgb
-from pipeline.query import (
+from pipeline.storage import absolute, read_bytes, write_atomic
+from pipeline.tools.query import (
     QUANTILE_LABELS,
     QueryError,
     Results,
@@ -41,7 +42,6 @@ from pipeline.query import (
     format_number,
     quote_identifier,
 )
-from pipeline.storage import absolute, read_bytes, write_atomic
 from schemas.results import METRIC_BETTER
 
 # The ranking metric when none is asked: ground truth first, then the harmony proxy.

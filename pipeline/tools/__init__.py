@@ -1,0 +1,1 @@
+"""After-run tools over a results dataset: query (select, stats), report, evaluate."""
