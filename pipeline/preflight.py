@@ -25,6 +25,7 @@ from ray.exceptions import RayTaskError
 
 from pipeline.config import RunConfig
 from pipeline.manifest import Manifest, open_manifest
+from pipeline.results import results_folder
 from pipeline.storage import (
     StorageError,
     describe,
@@ -69,7 +70,7 @@ def check_output(output: str, storage_options: dict) -> None:
     """Write and delete a marker under `output`; refuse files where folders should be."""
     fs, _ = filesystem(output, storage_options)
     for name, uri in (("", output), ("images/", join(output, "images")),
-                      ("results/", join(output, "results"))):  # fmt: skip
+                      ("results/", results_folder(output))):  # fmt: skip
         try:
             is_file = fs.isfile(filesystem(uri, storage_options)[1])
         except OSError:

@@ -45,7 +45,8 @@ from pipeline.placement import (
     check_paths_reachable,
     plan_placement,
 )
-from pipeline.storage import absolute, filesystem, join, parquet_dataset, to_pyarrow
+from pipeline.results import done_sample_ids, read_results, run_folder
+from pipeline.storage import absolute, filesystem, join, to_pyarrow
 from pipeline.write import ResultsSink, write_images
 from schemas.results import results_schema_with
 
@@ -78,38 +79,6 @@ def init_ray(config: RunConfig) -> None:
         num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
         object_store_memory=config.object_store_memory,
     )
-
-
-def results_dir(config: RunConfig) -> str:
-    return join(config.output, "results", config.run_id)
-
-
-def read_results(
-    uri: str, storage_options: dict, columns: list[str] | None = None, name_prefix: str = ""
-) -> pa.Table | None:
-    """Every results Parquet file under `uri` (all runs; only the files whose name starts with
-    `name_prefix`), or None when there are none."""
-    dataset = parquet_dataset(uri, storage_options, name_prefix)
-    if dataset is None:
-        return None
-    if columns is not None:
-        columns = [c for c in columns if c in dataset.schema.names]
-    return dataset.to_table(columns=columns)
-
-
-def done_sample_ids(config: RunConfig, current_params_hash: str) -> pa.Array:
-    """Ids already harmonized ok with the same parameters, in any earlier run."""
-    table = read_results(
-        join(config.output, "results"),
-        config.storage_options,
-        ["sample_id", "status", "params_hash"],
-    )
-    if table is None or "params_hash" not in table.column_names:
-        return pa.array([], pa.string())
-    done = pc.and_(
-        pc.equal(table["status"], "ok"), pc.equal(table["params_hash"], current_params_hash)
-    )
-    return pc.unique(table.filter(done)["sample_id"]).cast(pa.string())
 
 
 def drop_done(batch: pa.Table, done: ray.ObjectRef) -> pa.Table:
@@ -261,7 +230,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str) -> RunSummary:
     """Read back the results this execution wrote (a few small columns) and count them."""
-    uri = results_dir(config)
+    uri = run_folder(config.output, config.run_id)
     columns = ["status", "error", "mse", "composite_mse", "device"]
     table = read_results(uri, config.storage_options, columns, name_prefix=file_prefix)
     rows = table.to_pydict() if table is not None else {name: [] for name in columns}
@@ -305,25 +274,10 @@ def run(config: RunConfig) -> RunSummary:
     init_ray(config)
     config, placement = place(config)  # fails here, before any model loads
     start = time.perf_counter()
-    done = done_sample_ids(config, probe_params_hash(config, placement))
+    done = done_sample_ids(
+        config.output, config.storage_options, probe_params_hash(config, placement)
+    )
     dataset = build_dataset(config, manifest, placement, done)
-    sink = ResultsSink(results_dir(config), config)
+    sink = ResultsSink(run_folder(config.output, config.run_id), config)
     dataset.write_datasink(sink)
     return summarize(config, time.perf_counter() - start, len(done), sink.file_prefix)
-
-
-def list_runs(output: str, storage_options: dict) -> pa.Table:
-    """One row per run under `{output}/results/`: counts, model, parameters, when."""
-    columns = ["run_id", "status", "model", "params_hash", "created_at"]
-    table = read_results(join(output, "results"), storage_options, columns)
-    if table is None:
-        return pa.table({c: pa.array([], pa.string()) for c in ("run_id", "model", "params_hash")})
-    table = table.append_column("ok", pc.cast(pc.equal(table["status"], "ok"), pa.int64()))
-    table = table.append_column("error", pc.cast(pc.not_equal(table["status"], "ok"), pa.int64()))
-    runs = table.group_by(["run_id", "model", "params_hash"]).aggregate(
-        [("ok", "sum"), ("error", "sum"), ("created_at", "min"), ("created_at", "max")]
-    )
-    runs = runs.rename_columns(
-        ["run_id", "model", "params_hash", "ok", "error", "started", "finished"]
-    )
-    return runs.sort_by("started")

@@ -33,9 +33,10 @@ from pipeline.datasets.build import ManifestBuildError
 from pipeline.datasets.demo import OBJECTS, lab_statistics, load_photo, make_composite, object_mask
 from pipeline.datasets.folder import build_folder
 from pipeline.datasets.iharmony4 import build_iharmony4
-from pipeline.run import read_results, run
+from pipeline.results import ResultsError, read_results
+from pipeline.run import run
 from pipeline.storage import filesystem, join, write_atomic
-from pipeline.tools.evaluate import EvaluationError, evaluate
+from pipeline.tools.evaluate import evaluate
 
 
 @dataclass(frozen=True)
@@ -457,7 +458,7 @@ def test_evaluate_reports_what_it_cannot_score(
         pa.array(["0000000000000000"] * results.num_rows),
     )  # fmt: skip
     write_atomic(f"{output}/results/r2/part-000000.parquet", _parquet(other), {})
-    with pytest.raises(EvaluationError, match="2 parameter sets"):
+    with pytest.raises(ResultsError, match="2 parameter sets"):
         evaluate(output)
     result = CliRunner().invoke(app, ["evaluate", "--results", output])
     assert result.exit_code == 2 and "--params-hash" in result.output

@@ -18,7 +18,7 @@ from test_resume import grown_manifest
 from tiny_checkpoint import write_tiny_model_dir
 
 from pipeline.models.cache import cache_path, verify_cache
-from pipeline.run import read_results
+from pipeline.results import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 

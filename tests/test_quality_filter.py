@@ -27,7 +27,7 @@ from pipeline.config import ModelConfig
 from pipeline.datasets.demo import build_demo
 from pipeline.models import HarmonizeBatch, load_harmonizer
 from pipeline.score import score_batch
-from pipeline.tools.query import QUALITY_FILTER
+from pipeline.tools.stats import QUALITY_FILTER
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_README_FILTER = "bg_psnr > 35 AND lab_gap_after < lab_gap_before"

@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.run import list_runs, read_results, run
-from pipeline.tools.query import select, stats
+from pipeline.results import list_runs, read_results
+from pipeline.run import run
+from pipeline.tools.selection import select_samples
+from pipeline.tools.stats import stats
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,7 +135,7 @@ def test_two_concurrent_runs_into_one_output(
     )
     summary = stats(output)
     assert (summary.ok_samples, summary.samples, summary.failed_samples) == (8, 8, 0)
-    selection = select(output, "true", str(tmp_path / "selected.parquet"))
+    selection = select_samples(output, "true", str(tmp_path / "selected.parquet"))
     ids = pq.read_table(tmp_path / "selected.parquet")["sample_id"].to_pylist()
     assert selection.selected == 8 and len(ids) == len(set(ids)) == 8
 

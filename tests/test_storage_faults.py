@@ -12,7 +12,8 @@ from tiny_checkpoint import write_tiny_model_dir
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.datasets.demo import build_demo
 from pipeline.models import load_harmonizer
-from pipeline.run import read_results, run
+from pipeline.results import read_results
+from pipeline.run import run
 from pipeline.storage import filesystem
 
 

@@ -385,7 +385,7 @@ def runs_command(
     endpoint_url: EndpointArg = None,
 ) -> None:
     """List the runs under an output prefix: ok / error counts, model, parameters, times."""
-    from pipeline.run import list_runs
+    from pipeline.results import list_runs
 
     runs = list_runs(output, parse_storage_options(storage_option, endpoint_url)).to_pylist()
     if not runs:
@@ -514,7 +514,8 @@ def evaluate_command(
     MSE, PSNR, fMSE and bMSE at 256x256 on the uint8 scale, per subset and All (mean over
     images), and by foreground ratio (0-5 %, 5-15 %, 15-100 %).
     """
-    from pipeline.tools.evaluate import EvaluationError, evaluate
+    from pipeline.results import ResultsError
+    from pipeline.tools.evaluate import evaluate
 
     options = parse_storage_options(storage_option, endpoint_url)
     try:
@@ -523,7 +524,7 @@ def evaluate_command(
             score="composite" if composites else "output", workers=workers,
             max_pixels=max_pixels,
         )  # fmt: skip
-    except EvaluationError as exc:
+    except ResultsError as exc:
         _fail(exc, 2)
     if per_image:
         written = evaluation.write_per_image(per_image, options)
@@ -558,13 +559,14 @@ def select_command(
     `harmonize run` reads it back), mask_uri, real_uri, provenance, metric_* columns and the
     original manifest's extra columns.
     """
-    from pipeline.tools.query import QueryError, select
+    from pipeline.results import ResultsError
+    from pipeline.tools.selection import select_samples
 
     options = parse_storage_options(storage_option, endpoint_url)
     try:
-        selection = select(results, where, out, options, metrics=metric or None,
-                           params_hash=params_hash)  # fmt: skip
-    except QueryError as exc:
+        selection = select_samples(results, where, out, options, metrics=metric or None,
+                                   params_hash=params_hash)  # fmt: skip
+    except ResultsError as exc:
         _fail(exc, 2)
     typer.echo(selection.text())
     if selection.selected == 0:
@@ -581,12 +583,13 @@ def stats_command(
     endpoint_url: EndpointArg = None,
 ) -> None:
     """Ok / error counts, per-metric quantiles and, with a subset column, means per subset."""
-    from pipeline.tools.query import QueryError, stats
+    from pipeline.results import ResultsError
+    from pipeline.tools.stats import stats
 
     options = parse_storage_options(storage_option, endpoint_url)
     try:
         summary = stats(results, options, params_hash=params_hash, where=where)
-    except QueryError as exc:
+    except ResultsError as exc:
         _fail(exc, 2)
     typer.echo(summary.to_json() if as_json else summary.text())
 
@@ -609,7 +612,7 @@ def report_command(
     endpoint_url: EndpointArg = None,
 ) -> None:
     """One self-contained HTML page: metric histograms, best / worst / random thumbnails."""
-    from pipeline.tools.query import QueryError
+    from pipeline.results import ResultsError
     from pipeline.tools.report import build_report
 
     options = parse_storage_options(storage_option, endpoint_url)
@@ -618,7 +621,7 @@ def report_command(
             results, out, options, metric=metric, count=count, seed=seed, where=where,
             params_hash=params_hash, thumbnail_size=thumbnail_size, max_pixels=max_pixels,
         )  # fmt: skip
-    except QueryError as exc:
+    except ResultsError as exc:
         _fail(exc, 2)
     typer.echo(summary.text())
     if summary.failed:  # the page is written, but it is missing pictures: say so, exit 1

@@ -13,7 +13,7 @@ Nothing is loaded from elsewhere: a Content-Security-Policy allows only data: im
 inline styles and the one inline script (by its hash). That script records on <body> how
 many images loaded and how many failed (`data-images-loaded`, `data-images-broken`), which
 the browser test reads back. Aggregates and picks are computed by DuckDB over the results
-(`pipeline/tools/query.py`); only the picked samples' images are fetched.
+(`pipeline.results`, `pipeline.tools.stats`); only the picked samples' images are fetched.
 """
 
 from __future__ import annotations
@@ -31,17 +31,9 @@ from PIL import Image
 
 from pipeline.config import DEFAULT_MAX_PIXELS
 from pipeline.decode import decode_mask, decode_rgb
+from pipeline.results import Results, ResultsError, connect, quote_identifier
 from pipeline.storage import absolute, read_bytes, write_atomic
-from pipeline.tools.query import (
-    QUANTILE_LABELS,
-    QueryError,
-    Results,
-    Stats,
-    compute_stats,
-    connect,
-    format_number,
-    quote_identifier,
-)
+from pipeline.tools.stats import QUANTILE_LABELS, Stats, compute_stats, format_number
 from schemas.results import METRIC_BETTER
 
 # The ranking metric when none is asked: ground truth first, then the harmony proxy.
@@ -400,12 +392,12 @@ def build_report(
     stats = compute_stats(results, where)
     if metric is not None and metric not in results.metrics:
         if metric in METRIC_BETTER:
-            raise QueryError(
+            raise ResultsError(
                 f"the results under {results.uri} predate metric {metric!r}; re-run the "
                 f"pipeline into a new --output to compute it, or rank by one of "
                 f"{', '.join(results.metrics)}"
             )
-        raise QueryError(f"unknown metric {metric!r}; metrics: {', '.join(results.metrics)}")
+        raise ResultsError(f"unknown metric {metric!r}; metrics: {', '.join(results.metrics)}")
     if metric is None:  # the first default that has values here
         metric = next((m for m in DEFAULT_RANKING if stats.metrics.get(m, {}).get("count")), None)
     histograms = _histograms(results, where)
