@@ -1,8 +1,10 @@
 """Run configuration: one typed dataclass, built by the CLI and passed down to every stage.
 
-Enters: values from the command line (or a test).
+Enters: values from the command line (or a test, or a scheduler's Python).
 Leaves: `RunConfig` (with its `ModelConfig`), a frozen, picklable object that Ray ships to
-tasks and actors. Nothing below the CLI reads environment variables.
+tasks and actors, checked when it is made: a value no stage can use raises `ConfigError`
+naming the field, so every caller (the CLI, jobs/, Python) gets the same check. Nothing below
+the CLI reads environment variables.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-ModelName = Literal["reinhard", "diffharmony", "identity"]
+from pipeline.models import MODELS
+
 ImageFormat = Literal["png", "jpg", "webp"]
 OutputSize = Literal["input", "model"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
@@ -22,11 +25,26 @@ DType = Literal["auto", "fp32", "fp16", "bf16"]
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
+class ConfigError(ValueError):
+    """A configuration value no stage can use; `field` names it (the CLI's option)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _one_of(field: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(field, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides what the harmonizer computes (and so enters the fingerprint)."""
 
-    name: ModelName = "reinhard"
+    # One of `pipeline.models.MODELS`.
+    name: str = "reinhard"
     # Model directory (local path or fsspec URI) in the official release's layout; diffharmony only.
     model_dir: str | None = None
     # Square working resolution of the model; any multiple of 8.
@@ -48,6 +66,19 @@ class ModelConfig:
     allow_unsafe_pickle: bool = False
     # Local folder for models copied from remote URIs (one copy per node).
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, tuple(MODELS))
+        _one_of("output_size", self.output_size, get_args(OutputSize))
+        _one_of("dtype", self.dtype, get_args(DType))
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ConfigError("resolution", "must be a positive multiple of 8")
+        if self.steps < 1:
+            raise ConfigError("steps", "must be at least 1")
+        if self.output_resolution < 8:
+            raise ConfigError("output_resolution", "must be at least 8")
+        if MODELS[self.name].needs_model_dir and not self.model_dir:
+            raise ConfigError("model_dir", f"model {self.name} needs a model directory")
 
     def output_params(self) -> dict[str, Any]:
         """The parameters that change the output pixels (recorded per result row)."""
@@ -85,9 +116,9 @@ class RunConfig:
     object_store_memory: int | None = None
     show_progress: bool = True
     preserve_order: bool = False
-    # Test only: the first actor that finds no file at this path creates it and dies, so that
-    # tests can watch Ray restart the actor and retry its batch.
-    crash_once_marker: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("image_format", self.image_format, get_args(ImageFormat))
 
 
 def new_run_id() -> str:

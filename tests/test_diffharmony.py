@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tiny_checkpoint import write_tiny_model_dir
 
 from pipeline.config import ModelConfig
-from pipeline.models import HarmonizeBatch, load_harmonizer
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch
 from pipeline.models.cache import MANIFEST, cache_path, resolve_model_dir, verify_cache
 from pipeline.models.check import check_model_dir
 from pipeline.models.components import save_empty_prompt_embeds

@@ -30,7 +30,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig
-from pipeline.models import HarmonizeBatch, load_harmonizer
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch
 from pipeline.models.check import check_model_dir
 
 runner = CliRunner()

@@ -25,7 +25,8 @@ from PIL import Image
 
 from pipeline.config import ModelConfig
 from pipeline.datasets.demo import build_demo
-from pipeline.models import HarmonizeBatch, load_harmonizer
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch
 from pipeline.score import score_batch
 from pipeline.tools.stats import QUALITY_FILTER
 

@@ -103,6 +103,12 @@ def save_empty_prompt_embeds(
     return path
 
 
+def public_config(config: Any) -> dict[str, Any]:
+    """A component's config without `_name_or_path` and the like: they name the local folder,
+    which differs between nodes, and must not change the model's fingerprint."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 @dataclass
 class DiffHarmonyComponents:
     """Everything stage 1 and stage 2 need, loaded on one device in one dtype."""
@@ -165,17 +171,13 @@ def load_components(
         else file_checksums(root)
     )
 
-    def public(config: Any) -> dict[str, Any]:
-        # `_name_or_path` and the like name the local folder, which differs between nodes.
-        return {k: v for k, v in dict(config).items() if not k.startswith("_")}
-
     configs = {
-        UNET: public(unet.config),
-        VAE: public(vae.config),
-        SCHEDULER: public(scheduler.config),
+        UNET: public_config(unet.config),
+        VAE: public_config(vae.config),
+        SCHEDULER: public_config(scheduler.config),
     }
     if refiner is not None:
-        configs[REFINER] = public(refiner.config)
+        configs[REFINER] = public_config(refiner.config)
     return DiffHarmonyComponents(
         root=root,
         unet=unet,
