@@ -20,6 +20,8 @@ from pipeline.models import MODELS
 ImageFormat = Literal["png", "jpg", "webp"]
 OutputSize = Literal["input", "model"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
+# auto: GPUs when the Ray cluster has them (pipeline/placement.py), else the CPU.
+Device = Literal["auto", "cuda", "cpu"]
 # Images with more pixels are refused from their header (a run's samples, the offline tools'
 # images alike): a decompression bomb never gets decoded.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -60,9 +62,9 @@ class ModelConfig:
     output_resolution: int = 256
     # Compute dtype: auto = fp16 on CUDA, fp32 on CPU.
     dtype: DType = "auto"
-    # auto | cuda | cpu. The run resolves "auto" from the Ray cluster's GPUs (pipeline/placement.py)
-    # before the actors start; a harmonizer built directly resolves it from torch.
-    device: str = "auto"
+    # The run resolves "auto" from the Ray cluster's GPUs (pipeline/placement.py) before the
+    # actors start; a harmonizer built directly resolves it from torch.
+    device: Device = "auto"
     allow_unsafe_pickle: bool = False
     # Local folder for models copied from remote URIs (one copy per node).
     cache_dir: str | None = None
@@ -71,6 +73,7 @@ class ModelConfig:
         _one_of("name", self.name, tuple(MODELS))
         _one_of("output_size", self.output_size, get_args(OutputSize))
         _one_of("dtype", self.dtype, get_args(DType))
+        _one_of("device", self.device, get_args(Device))
         if self.resolution <= 0 or self.resolution % 8:
             raise ConfigError("resolution", "must be a positive multiple of 8")
         if self.steps < 1:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import ray
 
-DEVICES = ("auto", "cuda", "cpu")
+from pipeline.config import Device
 
 
 class PlacementError(ValueError):
@@ -83,7 +83,7 @@ class Placement:
 
 
 def plan_placement(
-    device: str, concurrency: int | None, gpus_per_actor: float | None, gpus: ClusterGPUs
+    device: Device, concurrency: int | None, gpus_per_actor: float | None, gpus: ClusterGPUs
 ) -> Placement:
     """The placement for a request on a cluster with `gpus` (pure; tested on its own).
 
@@ -92,8 +92,6 @@ def plan_placement(
     `gpus_per_actor` of the GPUs the cluster has or can add; the pool starts with those that
     fit on the GPUs up now (at least one) and grows as GPU nodes join. CPU: `concurrency` or 1.
     """
-    if device not in DEVICES:
-        raise PlacementError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if concurrency is not None and concurrency < 1:
         raise PlacementError(f"--concurrency must be at least 1, got {concurrency}")
     use_gpu = device == "cuda" or (device == "auto" and gpus.most > 0)
