@@ -13,9 +13,27 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
-from pipeline.models import MODELS
+
+class ModelEntry(NamedTuple):
+    location: str  # "module:Class"
+    description: str
+    needs_model_dir: bool = False  # weights read from `--model-dir`
+
+
+# The harmonizers `--model` names, the one list of them (`pipeline.models.load_harmonizer`
+# imports the class only when it is asked for).
+MODELS: dict[str, ModelEntry] = {
+    "reinhard": ModelEntry("pipeline.models.reinhard:ReinhardHarmonizer", "classical baseline"),
+    "diffharmony": ModelEntry(
+        "pipeline.models.diffharmony:DiffHarmonyHarmonizer", "two-stage diffusion model", True
+    ),
+    "identity": ModelEntry(
+        "pipeline.models.reinhard:IdentityHarmonizer", "no change; I/O benchmark"
+    ),
+}
+
 
 ImageFormat = Literal["png", "jpg", "webp"]
 OutputSize = Literal["input", "model"]
@@ -45,7 +63,7 @@ def _one_of(field: str, value: Any, choices: tuple[Any, ...]) -> None:
 class ModelConfig:
     """Everything that decides what the harmonizer computes (and so enters the fingerprint)."""
 
-    # One of `pipeline.models.MODELS`.
+    # One of `MODELS`.
     name: str = "reinhard"
     # Model directory (local path or fsspec URI) in the official release's layout; diffharmony only.
     model_dir: str | None = None

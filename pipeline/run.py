@@ -36,7 +36,7 @@ from pipeline import preflight
 from pipeline.config import RunConfig
 from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, check_device, params_hash
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, open_manifest
 from pipeline.models import load_harmonizer
 from pipeline.placement import (
     ClusterGPUs,
@@ -269,7 +269,8 @@ def run(config: RunConfig) -> RunSummary:
     # Workers run in other folders, and results name their images: a local relative output
     # becomes absolute here, once.
     config = replace(config, output=absolute(config.output))
-    manifest = preflight.check(config)  # manifest, storage, output: fails before any model
+    manifest = open_manifest(config.manifest, config.storage_options)  # footers and key columns
+    preflight.check(config, manifest.first_composite_uri)  # storage, output: before any model
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
     init_ray(config)
     config, placement = place(config)  # fails here, before any model loads

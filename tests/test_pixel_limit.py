@@ -107,7 +107,8 @@ def test_no_module_changes_pils_own_bomb_check() -> None:
         "import pipeline, schemas\n"
         "for package in (pipeline, schemas):\n"
         "    for module in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
-        "        importlib.import_module(module.name)\n"
+        "        if not module.name.endswith('__main__'):  # runs the command line\n"
+        "            importlib.import_module(module.name)\n"
         "        assert I.MAX_IMAGE_PIXELS == default, (module.name, I.MAX_IMAGE_PIXELS)\n"
         "print('untouched', default)\n"
     )

@@ -2,7 +2,7 @@
 
 Enters: nothing at import; at a command's call, the values Typer parsed.
 Leaves: option types (`Annotated` Typer options) whose defaults and choices are the config's
-own (`pipeline.config`, `pipeline.models.MODELS`); `with_storage_options`, which gives a command
+own (`pipeline.config`, its `MODELS`); `with_storage_options`, which gives a command
 `--storage-option` / `--endpoint-url` as one `storage_options` dict; `checked_config`, which
 turns a `ConfigError` into a usage error naming the option.
 """
@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar, get_args
 import typer
 
 from pipeline.config import (
+    MODELS,
     ConfigError,
     Device,
     DType,
@@ -27,7 +28,6 @@ from pipeline.config import (
     OutputSize,
     RunConfig,
 )
-from pipeline.models import MODELS
 
 R = TypeVar("R")
 
