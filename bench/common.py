@@ -1,12 +1,7 @@
-"""Shared pieces of the benchmarks: machine facts, model sizes, inputs, Ray, process sampling.
+"""Shared pieces of the benchmarks: machine facts, the model folder, inputs, Ray, process sampling.
 
-Nothing here is timed by itself. The model sizes:
-
-- `tiny`: the test suite's tiny checkpoint (tests/tiny_checkpoint.py), milliseconds per image;
-- `cpu`: the CPU benchmark's model, small enough for a 2-core machine but heavy enough that the
-  model costs next to the I/O what it costs in a GPU deployment (see bench/RESULTS.md);
-- `sd15`: the real architectures: SD-1.5 inpainting UNet (9 input channels), sd-vae-ft-mse
-  VAE, the official "base" refiner preset; random weights.
+Nothing here is timed by itself. The model sizes (`tiny`, `cpu`, `sd15`) and their random
+weights are `bench/random_model.py`'s, which the test suite builds its checkpoint from too.
 """
 
 from __future__ import annotations
@@ -15,10 +10,9 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from bench.random_model import write_model_dir
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Read by Ray when it is imported, so set before anything imports it (as tests/conftest.py):
@@ -35,225 +31,20 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-# stable-diffusion-inpainting's scheduler_config.json (turned into Euler-ancestral at load time).
-SD_INPAINTING_SCHEDULER: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-
-# --- model sizes -------------------------------------------------------------------------------
-
-SIZES = ("tiny", "cpu", "sd15")
-TEXT_DIM = {"tiny": 32, "cpu": 64, "sd15": 768}
+# --- the model ---------------------------------------------------------------------------------
 
 
-def unet_config(size: str) -> dict[str, Any]:
-    """UNet2DConditionModel arguments; `sd15` is stable-diffusion-inpainting's unet/config.json."""
-    if size == "sd15":
-        return {
-            "sample_size": 64,
-            "in_channels": 9,
-            "out_channels": 4,
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            "block_out_channels": [320, 640, 1280, 1280],
-            "layers_per_block": 2,
-            "cross_attention_dim": 768,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-            "norm_eps": 1e-5,
-            "act_fn": "silu",
-            "center_input_sample": False,
-            "downsample_padding": 1,
-            "flip_sin_to_cos": True,
-            "freq_shift": 0,
-            "mid_block_scale_factor": 1,
-        }
-    if size == "cpu":
-        return {
-            "sample_size": 32,
-            "in_channels": 9,
-            "out_channels": 4,
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "block_out_channels": [64, 128, 192],
-            "layers_per_block": 1,
-            "cross_attention_dim": TEXT_DIM["cpu"],
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-        }
-    return {  # tiny: tests/tiny_checkpoint.py
-        "sample_size": 8,
-        "in_channels": 9,
-        "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [16, 32],
-        "layers_per_block": 1,
-        "cross_attention_dim": TEXT_DIM["tiny"],
-        "attention_head_dim": 8,
-        "norm_num_groups": 8,
-    }
-
-
-def vae_config(size: str) -> dict[str, Any]:
-    """AutoencoderKL arguments; `sd15` is sd-vae-ft-mse's config.json. Always 4 blocks (1/8)."""
-    channels, layers, groups = {
-        "sd15": ([128, 256, 512, 512], 2, 32),
-        "cpu": ([16, 32, 32, 64], 1, 16),
-        "tiny": ([8, 8, 16, 16], 1, 4),
-    }[size]
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": channels,
-        "layers_per_block": layers,
-        "latent_channels": 4,
-        "norm_num_groups": groups,
-        "sample_size": 512 if size == "sd15" else 64,
-        "scaling_factor": 0.18215,
-        "act_fn": "silu",
-    }
-
-
-def refiner_config(size: str) -> dict[str, Any]:
-    """The stage-2 RefinerUNet arguments; `sd15` uses the official "base" preset (in_channels 7)."""
-    from pipeline.models.refiner import refiner_preset
-
-    if size == "sd15":
-        return refiner_preset("base", in_channels=7)
-    channels = (16, 32, 32, 64) if size == "cpu" else (8, 16)
-    return {
-        "sample_size": 256 if size == "cpu" else 32,
-        "in_channels": 7,
-        "out_channels": 3,
-        "down_block_types": ("DownBlock2D",) * len(channels),
-        "up_block_types": ("UpBlock2D",) * len(channels),
-        "block_out_channels": channels,
-        "layers_per_block": 1,
-        "downsample_padding": 0,
-        "attention_head_dim": None,
-        "norm_num_groups": 8 if size == "cpu" else 4,
-        "norm_eps": 1e-6,
-        "input_residual": True,
-    }
-
-
-def text_encoder_config(size: str) -> Any:
-    """CLIPTextConfig of SD-1.5's text encoder (ViT-L/14 text tower) or a small stand-in."""
-    from transformers import CLIPTextConfig
-
-    if size == "sd15":
-        return CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-            projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        )  # fmt: skip
-    dim = TEXT_DIM[size]
-    return CLIPTextConfig(
-        vocab_size=64, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-        projection_dim=dim, bos_token_id=62, eos_token_id=63, pad_token_id=63,
-    )  # fmt: skip
-
-
-def _modules(size: str, seed: int) -> tuple[Any, Any, Any, torch.Tensor]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from pipeline.models.refiner import RefinerUNet
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config(size))
-        vae = AutoencoderKL(**vae_config(size))
-        refiner = RefinerUNet(**refiner_config(size))
-        embeds = torch.randn(1, 77, TEXT_DIM[size])
-    return unet, vae, refiner, embeds
-
-
-def write_model_dir(root: Path, size: str, seed: int = 0) -> Path:
-    """A random-weight model directory in the official layout, with a precomputed empty prompt
-    (so neither tokenizer nor text encoder is needed). Written once; reused when present."""
-    from safetensors.torch import save_file
-
-    root = Path(root)
-    done = root / ".complete"
-    if done.is_file() and done.read_text() == f"{size}:{seed}":
-        return root
-    unet, vae, refiner, embeds = _modules(size, seed)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "scheduler").mkdir(exist_ok=True)
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_INPAINTING_SCHEDULER))
-    unet.save_pretrained(root / "unet")
-    vae.save_pretrained(root / "vae")
-    refiner.save_pretrained(root / "refiner")
-    save_file({"prompt_embeds": embeds.contiguous()}, str(root / "empty_prompt_embeds.safetensors"))
-    done.write_text(f"{size}:{seed}")
+def model_dir(work: Path, size: str, seed: int = 0) -> Path:
+    """A random-weight model directory of `size` (`random_model.write_model_dir`, the empty
+    prompt precomputed, as `harmonize model assemble` writes it) under `work`: written once,
+    reused by later runs."""
+    root = work / f"model-{size}-{seed}"
+    if not root.is_dir():
+        partial = work / f".model-{size}-{seed}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_model_dir(partial, size, seed, text="embeds")
+        partial.rename(root)
     return root
-
-
-def build_components(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
-    """`DiffHarmonyComponents` in memory (random weights), as `load_components` would return.
-
-    At `sd15` size the modules are created directly on `device` (no multi-GB host copy).
-    """
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    from pipeline.models.loading import DiffHarmonyComponents
-    from pipeline.models.refiner import RefinerUNet
-
-    generator_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=generator_devices), torch.device(device):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config(size))
-        vae = AutoencoderKL(**vae_config(size))
-        refiner = RefinerUNet(**refiner_config(size))
-        embeds = torch.randn(1, 77, TEXT_DIM[size])
-    for model in (unet, vae):
-        model.set_attn_processor(AttnProcessor2_0())
-    unet, vae, refiner = (
-        m.to(device, dtype).eval().requires_grad_(False) for m in (unet, vae, refiner)
-    )
-    scheduler = EulerAncestralDiscreteScheduler.from_config(SD_INPAINTING_SCHEDULER)
-
-    def public(config: Any) -> dict[str, Any]:
-        return {k: v for k, v in dict(config).items() if not k.startswith("_")}
-
-    return DiffHarmonyComponents(
-        root=Path("/nonexistent"),
-        unet=unet,
-        vae=vae,
-        scheduler=scheduler,
-        refiner=refiner,
-        empty_prompt_embeds=embeds.to(device, dtype),
-        checksums={"random": f"{size}:{seed}"},
-        configs={"unet": public(unet.config), "vae": public(vae.config)},
-    )
-
-
-@contextmanager
-def in_memory_components(components: Any) -> Iterator[None]:
-    """Make `DiffHarmonyHarmonizer` (and so `HarmonizeActor`) use `components` instead of
-    loading a model directory: the rest of the harmonizer's code path is unchanged."""
-    import pipeline.models.diffharmony as diffharmony
-
-    original = diffharmony.load_components
-    diffharmony.load_components = lambda *args, **kwargs: components
-    try:
-        yield
-    finally:
-        diffharmony.load_components = original
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -277,7 +68,7 @@ def grown_manifest(demo_manifest: str, path: Path, samples: int) -> str:
 
 def demo_inputs(work: Path, samples: int) -> str:
     """The demo dataset under `work/demo` (built once) and a manifest of `samples` rows."""
-    from pipeline.demo import build_demo
+    from pipeline.datasets.demo import build_demo
 
     demo = work / "demo" / "manifest.parquet"
     if not demo.is_file():
@@ -287,12 +78,13 @@ def demo_inputs(work: Path, samples: int) -> str:
 
 def decode_manifest(manifest: str) -> list[dict[str, Any]]:
     """Every row decoded exactly as the pipeline's fetch stage does (not timed by callers)."""
+    from pipeline.config import DEFAULT_MAX_PIXELS
     from pipeline.decode import decode_sample
 
     rows = []
     for row in pq.read_table(manifest).to_pylist():
         files = [Path(row[c]).read_bytes() for c in ("composite_uri", "mask_uri", "real_uri")]
-        composite, mask, real = decode_sample(*files, max_pixels=64_000_000)
+        composite, mask, real = decode_sample(*files, max_pixels=DEFAULT_MAX_PIXELS)
         rows.append({"sample_id": row["sample_id"], "composite": composite, "mask": mask,
                      "real": real})  # fmt: skip
     return rows

@@ -57,16 +57,11 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from bench.common import (
-    SD_INPAINTING_SCHEDULER,
-    build_components,
-    dump_json,
-    in_memory_components,
-    print_header,
-    text_encoder_config,
-)
+from bench.common import dump_json, print_header
+from bench.random_model import SD_INPAINTING_SCHEDULER, build_components, text_encoder_config
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.models import HarmonizeBatch, load_harmonizer
+from pipeline.models.base import HarmonizeBatch
+from pipeline.models.diffharmony import DiffHarmonyHarmonizer
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -288,7 +283,7 @@ def component_flops(resolution: int, output_resolution: int = 256) -> dict[str, 
     from diffusers.models.attention_processor import AttnProcessor2_0
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.common import refiner_config, unet_config, vae_config
+    from bench.random_model import refiner_config, unet_config, vae_config
     from pipeline.models.refiner import RefinerUNet
 
     latent = resolution // 8
@@ -471,8 +466,8 @@ def bench_actor(
     from pipeline.harmonize import HarmonizeActor
 
     device = components.unet.device
-    with in_memory_components(components):
-        actor = HarmonizeActor(RunConfig(manifest="-", output="-", model=model))
+    harmonizer = DiffHarmonyHarmonizer(components, model)
+    actor = HarmonizeActor(RunConfig(manifest="-", output="-", model=model), harmonizer)
     table = actor_batch(batch_size, args.input_size or resolution)
     actor(table)
     out: list[pa.Table] = []
@@ -711,10 +706,10 @@ def main() -> None:
             torch.cuda.empty_cache()
         components = build_components(size, device, dtype)
         for resolution in resolutions:
+            # model_dir only names where the components came from: nothing is read from it.
             model = ModelConfig(name="diffharmony", model_dir="in-memory", resolution=resolution,
                                 dtype=dtype_name, device=str(device))  # fmt: skip
-            with in_memory_components(components):
-                harmonizer = load_harmonizer(model)
+            harmonizer = DiffHarmonyHarmonizer(components, model)
             if resolution not in flops:
                 flops[resolution] = count_flops(harmonizer, resolution, device)
                 unet, total = flops[resolution]

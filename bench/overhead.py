@@ -39,13 +39,14 @@ from bench.common import (
     decode_manifest,
     demo_inputs,
     dump_json,
+    model_dir,
     print_header,
     stage_times,
     start_ray,
-    write_model_dir,
 )
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.models import HarmonizeBatch, load_harmonizer, sample_seed
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch, sample_seed
 from pipeline.score import score_batch
 
 
@@ -217,9 +218,9 @@ def main() -> None:
 
     work = args.work
     manifest = demo_inputs(work, args.samples)
-    model_dir = write_model_dir(work / f"model-{args.size}", args.size)
+    model_folder = model_dir(work, args.size)
     model = ModelConfig(
-        name="diffharmony", model_dir=str(model_dir), resolution=args.resolution, device="cpu"
+        name="diffharmony", model_dir=str(model_folder), resolution=args.resolution, device="cpu"
     )
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     print_header(

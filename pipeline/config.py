@@ -1,8 +1,10 @@
 """Run configuration: one typed dataclass, built by the CLI and passed down to every stage.
 
-Enters: values from the command line (or a test).
+Enters: values from the command line (or a test, or a scheduler's Python).
 Leaves: `RunConfig` (with its `ModelConfig`), a frozen, picklable object that Ray ships to
-tasks and actors. Nothing below the CLI reads environment variables.
+tasks and actors, checked when it is made: a value no stage can use raises `ConfigError`
+naming the field, so every caller (the CLI, jobs/, Python) gets the same check. Nothing below
+the CLI reads environment variables.
 """
 
 from __future__ import annotations
@@ -11,21 +13,60 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, get_args
 
-ModelName = Literal["reinhard", "diffharmony", "identity"]
+
+class ModelEntry(NamedTuple):
+    location: str  # "module:Class"
+    description: str
+    needs_model_dir: bool = False  # weights read from `--model-dir`
+
+
+# The harmonizers `--model` names, the one list of them (`pipeline.models.load_harmonizer`
+# imports the class only when it is asked for).
+MODELS: dict[str, ModelEntry] = {
+    "reinhard": ModelEntry("pipeline.models.reinhard:ReinhardHarmonizer", "classical baseline"),
+    "diffharmony": ModelEntry(
+        "pipeline.models.diffharmony:DiffHarmonyHarmonizer", "two-stage diffusion model", True
+    ),
+    "identity": ModelEntry(
+        "pipeline.models.reinhard:IdentityHarmonizer", "no change; I/O benchmark"
+    ),
+}
+
+
 ImageFormat = Literal["png", "jpg", "webp"]
 OutputSize = Literal["input", "model"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
 # forward: harmonize a composite; inverse: make a composite from a real image (DiffHarmony++).
 Direction = Literal["forward", "inverse"]
+# auto: GPUs when the Ray cluster has them (pipeline/placement.py), else the CPU.
+Device = Literal["auto", "cuda", "cpu"]
+# Images with more pixels are refused from their header (a run's samples, the offline tools'
+# images alike): a decompression bomb never gets decoded.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ConfigError(ValueError):
+    """A configuration value no stage can use; `field` names it (the CLI's option)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _one_of(field: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(field, f"{value!r} is not one of {', '.join(map(str, choices))}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides what the harmonizer computes (and so enters the fingerprint)."""
 
-    name: ModelName = "reinhard"
+    # One of `MODELS`.
+    name: str = "reinhard"
     # Model directory (local path or fsspec URI) in the official release's layout; diffharmony only.
     model_dir: str | None = None
     # Square working resolution of the model; any multiple of 8.
@@ -41,9 +82,9 @@ class ModelConfig:
     output_resolution: int = 256
     # Compute dtype: auto = fp16 on CUDA, fp32 on CPU.
     dtype: DType = "auto"
-    # auto | cuda | cpu. The run resolves "auto" from the Ray cluster's GPUs (pipeline/placement.py)
-    # before the actors start; a harmonizer built directly resolves it from torch.
-    device: str = "auto"
+    # The run resolves "auto" from the Ray cluster's GPUs (pipeline/placement.py) before the
+    # actors start; a harmonizer built directly resolves it from torch.
+    device: Device = "auto"
     allow_unsafe_pickle: bool = False
     # Local folder for models copied from remote URIs (one copy per node).
     cache_dir: str | None = None
@@ -53,10 +94,25 @@ class ModelConfig:
     direction: Direction = "forward"
 
     def __post_init__(self) -> None:
-        if self.direction == "inverse" and self.refine:
-            raise ValueError(
-                "inverse harmonization runs stage 1 only, as the official inverse.py: no refiner"
+        _one_of("name", self.name, tuple(MODELS))
+        _one_of("direction", self.direction, get_args(Direction))
+        _one_of("output_size", self.output_size, get_args(OutputSize))
+        _one_of("dtype", self.dtype, get_args(DType))
+        _one_of("device", self.device, get_args(Device))
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ConfigError("resolution", "must be a positive multiple of 8")
+        if self.steps < 1:
+            raise ConfigError("steps", "must be at least 1")
+        if self.output_resolution < 8:
+            raise ConfigError("output_resolution", "must be at least 8")
+        if MODELS[self.name].needs_model_dir and not self.model_dir:
+            raise ConfigError("model_dir", f"model {self.name} needs a model directory")
+        if self.direction == "inverse" and self.name != "diffharmony":
+            raise ConfigError(
+                "direction", "inverse harmonization needs the inverse DiffHarmony model"
             )
+        if self.direction == "inverse" and self.refine:
+            raise ConfigError("refine", "inverse runs have no stage 2 (as the official inverse.py)")
 
     def output_params(self) -> dict[str, Any]:
         """The parameters that change the output pixels (recorded per result row)."""
@@ -86,7 +142,7 @@ class RunConfig:
     # Rows per results Parquet file: also how much finished work a crash can cost to redo.
     results_rows_per_file: int = 1000
     # Images above this many pixels are refused per sample (protects memory).
-    max_pixels: int = 64_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     # fsspec storage options (endpoint_url, key, secret, …); never printed.
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     run_id: str = field(default_factory=lambda: new_run_id())
@@ -104,15 +160,16 @@ class RunConfig:
     # The harmony classifier's weights (folder path or URI, or a local file): an
     # `unharmony_prob` on every ok row. Pickles follow `model.allow_unsafe_pickle`.
     classifier: str | None = None
-    # Test only: the first actor that finds no file at this path creates it and dies, so that
-    # tests can watch Ray restart the actor and retry its batch.
-    crash_once_marker: str | None = None
 
     def __post_init__(self) -> None:
+        _one_of("image_format", self.image_format, get_args(ImageFormat))
         if self.variants < 1:
-            raise ValueError(f"variants must be at least 1, got {self.variants}")
+            raise ConfigError("variants", f"must be at least 1, got {self.variants}")
         if self.variants > 1 and self.model.direction != "inverse":
-            raise ValueError("several variants per sample are made by inverse runs only")
+            raise ConfigError(
+                "variants",
+                "several variants per sample are made by inverse runs only (--direction inverse)",
+            )
 
 
 def new_run_id() -> str:

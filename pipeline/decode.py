@@ -3,7 +3,8 @@
 Enters: the bytes of a sample's composite, mask and, optionally, ground truth (`real`).
 Leaves: composite (H, W, 3) uint8 RGB, mask (H, W) uint8 in {0, 1}, real (H, W, 3) uint8 or
 None; or a `SampleError` naming what could not be read and why. `fetch.py` calls these for
-the pipeline; `report.py` and `evaluate.py` use the same rules for thumbnails and scoring.
+the pipeline; `report.py` and `evaluate.py` use the same rules (and the same explicit pixel
+limit) for thumbnails and scoring.
 
 One rule for every image, composite, mask and real alike:
 - Orientation: each file's own EXIF orientation is applied, exactly as PIL's
@@ -20,6 +21,10 @@ One rule for every image, composite, mask and real alike:
   A mask that this rule reads as empty or as covering the whole image is refused.
 - Size: a mask or real of another size than the composite is resized to it (mask nearest,
   real bilinear) when the aspect ratios agree within 1 %, and refused otherwise.
+- Pixel limit: an image whose header claims more pixels than the caller's `max_pixels` is
+  refused before any pixel is decoded. Nothing here changes PIL's own process-wide
+  decompression-bomb check (`Image.MAX_IMAGE_PIXELS`), which still refuses, by itself, images
+  over twice its limit (about 179 million pixels with PIL's default).
 """
 
 from __future__ import annotations
@@ -29,9 +34,6 @@ import io
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-# PIL's own bomb check would raise for large images before ours can name the limit.
-Image.MAX_IMAGE_PIXELS = None
-
 _NUMERIC_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -39,10 +41,15 @@ class SampleError(Exception):
     """A problem with one sample's input; becomes that row's `error`."""
 
 
-def open_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
-    """Decode `data` (orientation not yet applied), refusing images over the pixel limit."""
+def open_image(
+    data: bytes, what: str, max_pixels: int, draft: tuple[int, int] | None = None
+) -> Image.Image:
+    """Decode `data` (orientation not yet applied), refusing images over the pixel limit from
+    their header. `draft` (JPEG only) decodes at a reduced scale no smaller than that size."""
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise SampleError(f"{what} is over PIL's decompression-bomb limit ({exc})") from None
     except Exception as exc:
         raise SampleError(f"{what} is not a readable image ({exc})") from None
     width, height = image.size
@@ -51,11 +58,27 @@ def open_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
             f"{what} has {width}x{height} = {width * height} pixels, over the limit of "
             f"{max_pixels} (RunConfig.max_pixels / --max-pixels)"
         )
+    if draft is not None:
+        image.draft("RGB", draft)
     try:
         image.load()
     except Exception as exc:
         raise SampleError(f"{what} could not be decoded ({exc})") from None
     return image
+
+
+def decode_rgb(
+    data: bytes, what: str, max_pixels: int, draft: tuple[int, int] | None = None
+) -> np.ndarray:
+    """One image's bytes -> (H, W, 3) uint8 RGB as displayed (the rules at the top)."""
+    return to_rgb(upright(open_image(data, what, max_pixels, draft)), what)
+
+
+def decode_mask(
+    data: bytes, what: str, max_pixels: int, draft: tuple[int, int] | None = None
+) -> np.ndarray:
+    """One mask's bytes -> (H, W) uint8 in {0, 1} as displayed, by the mask rule."""
+    return to_mask(upright(open_image(data, what, max_pixels, draft)))
 
 
 def orientation(image: Image.Image) -> int:

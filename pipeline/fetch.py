@@ -2,12 +2,12 @@
 
 Enters: a pyarrow batch of manifest rows (`sample_id`, `composite_uri`, `mask_uri`,
 `real_uri`?, passthrough columns).
-Leaves: the same rows with URIs made absolute and these columns added:
-  `composite_pixels` (raw RGB uint8, H*W*3 bytes), `mask_pixels` (raw uint8 {0, 1}, H*W),
-  `real_pixels` (raw RGB or null), `width`, `height`, `status`, `error`, `fetch_s`, `decode_s`.
-`composite_pixels` holds the model's input: in inverse runs that is the real image (read
-from `real_uri`, `real_pixels` then null: the ground truth is the input), and `composite_uri`
-is null (the composite is what the run makes).
+Leaves: the same rows with URIs made absolute (`real_uri` added, null, when the manifest has
+none) and the columns of `schemas.stages.DECODED` added: the decoded pixels, `width`,
+`height`, `status`, `error`, `fetch_s`, `decode_s`. `composite_pixels` holds the model's
+input: in inverse runs that is the real image (read from `real_uri`; `real_pixels` then null:
+the ground truth is the input), and `composite_uri` is null (the composite is what the run
+makes).
 A row that cannot be fetched or decoded gets `status = "error"`, empty pixels and an error
 message naming the sample, the stage and the cause; the other rows go on.
 
@@ -25,8 +25,7 @@ import pyarrow as pa
 from pipeline.config import RunConfig
 from pipeline.decode import SampleError, decode_sample
 from pipeline.storage import read_bytes, resolve
-
-PIXEL_COLUMNS = ("composite_pixels", "mask_pixels", "real_pixels")
+from schemas.stages import DECODED, arrays
 
 
 def _fetch(uri: str | None, what: str, storage_options: dict[str, Any]) -> bytes | None:
@@ -71,10 +70,7 @@ def fetch_and_decode(batch: pa.Table, config: RunConfig, base_dir: str) -> pa.Ta
     with ThreadPoolExecutor(max_workers=min(16, max(rows, 1))) as pool:
         fetched_rows = list(pool.map(fetch_row, range(rows)))
 
-    out: dict[str, list[Any]] = {
-        "composite_pixels": [], "mask_pixels": [], "real_pixels": [], "width": [],
-        "height": [], "status": [], "error": [], "fetch_s": [], "decode_s": [],
-    }  # fmt: skip
+    out: dict[str, list[Any]] = {name: [] for name in DECODED.names}
     for i, (fetched, fetch_s) in enumerate(fetched_rows):
         start = time.perf_counter()
         try:
@@ -108,10 +104,6 @@ def fetch_and_decode(batch: pa.Table, config: RunConfig, base_dir: str) -> pa.Ta
             batch = batch.set_column(batch.column_names.index(name), name, column)
         else:
             batch = batch.append_column(name, column)
-    types = {"composite_pixels": pa.large_binary(), "mask_pixels": pa.large_binary(),
-             "real_pixels": pa.large_binary(), "width": pa.int32(), "height": pa.int32(),
-             "status": pa.string(), "error": pa.string(), "fetch_s": pa.float64(),
-             "decode_s": pa.float64()}  # fmt: skip
-    for name, values in out.items():
-        batch = batch.append_column(name, pa.array(values, types[name]))
+    for name, column in arrays(DECODED, out).items():
+        batch = batch.append_column(name, column)
     return batch

@@ -1,11 +1,12 @@
 """Harmonize and score: the GPU actor of the pipeline (one model per actor, loaded once).
 
-Enters: pyarrow batches from `fetch.py` (decoded pixels, `status`, `error`).
-Leaves: the same rows without the input pixels, plus `harmonized_pixels` (raw RGB uint8),
-`output_width`, `output_height`, the model's name, fingerprint and parameters, the direction,
-where it ran (`device`: `cuda:<GPU name>` or `cpu`), the sample seed (a variant's own in inverse
-runs), `harmonize_s`, `score_s` and the metrics of `score.py`, with `unharmony_prob` from the
-harmony classifier (`--classifier`, loaded once per actor on its device).
+Enters: pyarrow batches from `fetch.py` (the columns of `schemas.stages.DECODED`).
+Leaves: the same rows without the input pixels (`INPUT_PIXELS`), `status` / `error` updated,
+and the columns of `schemas.stages.HARMONIZED`: the output pixels and size, the model's name,
+fingerprint and parameters, the direction, where it ran (`device`: `cuda:<GPU name>` or
+`cpu`), the sample seed (a variant's own in inverse runs), `harmonize_s`, `score_s` and the
+metrics of `score.py`, with `unharmony_prob` from the harmony classifier (`--classifier`,
+loaded once per actor on its device).
 
 A batch runs through the model in one call. If that call raises, the batch is retried one
 sample at a time so that only the samples that fail become error rows.
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,12 +27,12 @@ import ray
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.fetch import PIXEL_COLUMNS
-from pipeline.models import HarmonizeBatch, load_harmonizer, sample_seed
-from pipeline.models.base import variant_seed
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch, Harmonizer, sample_seed, variant_seed
 from pipeline.placement import PlacementError
 from pipeline.score import score_batch
 from schemas.results import METRIC_COLUMNS
+from schemas.stages import HARMONIZED, INPUT_PIXELS, arrays
 
 if TYPE_CHECKING:
     from pipeline.models.classifier import HarmonyClassifier
@@ -111,19 +113,40 @@ def _image(data: bytes, height: int, width: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-class HarmonizeActor:
-    """Ray Data callable class: `map_batches(HarmonizeActor, compute=ActorPoolStrategy(...))`."""
+@dataclass(frozen=True)
+class SampleOutcome:
+    """One sample through the model and the metrics."""
 
-    def __init__(self, config: RunConfig) -> None:
+    pixels: np.ndarray  # (h, w, 3) uint8: the output as it will be written
+    metrics: dict[str, float]  # every column of METRIC_COLUMNS; NaN where it does not apply
+    harmonize_s: float  # its share of the batch's model time
+    score_s: float  # its share of the batch's metrics time
+
+
+class HarmonizeActor:
+    """Ray Data callable class: `map_batches(HarmonizeActor, compute=ActorPoolStrategy(...))`.
+
+    `harmonizer`: one already built, used as it is (its device, its weights); by default the
+    one `config.model` names, loaded here, where the actor runs. `classifier` likewise: by
+    default `config.classifier`'s, loaded on the harmonizer's device (the metrics' pass).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        harmonizer: Harmonizer | None = None,
+        classifier: HarmonyClassifier | None = None,
+    ) -> None:
         self.config = config
-        check_device(config.model.device)
-        self.harmonizer = load_harmonizer(config.model, config.storage_options)
-        self.device = self.harmonizer.device
+        if harmonizer is None:
+            check_device(config.model.device)
+            harmonizer = load_harmonizer(config.model, config.storage_options)
+        self.harmonizer = harmonizer
+        self.device = harmonizer.device
         self.device_label = device_label(self.device)
         self.params = config.model.output_params()
-        self.fingerprint = self.harmonizer.fingerprint
-        # On the model's device: the classifier runs in the same pass as the metrics.
-        self.classifier = load_classifier(config, self.device)
+        self.fingerprint = harmonizer.fingerprint
+        self.classifier = classifier or load_classifier(config, self.device)
         self.classifier_fingerprint = self.classifier.fingerprint if self.classifier else None
         self.params_hash = params_hash(
             config.model.name, self.fingerprint, self.params, self.classifier_fingerprint
@@ -136,8 +159,8 @@ class HarmonizeActor:
             image = image.pin_memory()
         return image.to(self.device, non_blocking=True).float() / 255.0
 
-    def _run(self, batch: pa.Table, rows: list[int], seeds: list[int]) -> dict[int, Any]:
-        """Model + metrics for `rows`; returns row -> (pixels, width, height, metrics)."""
+    def _run(self, batch: pa.Table, rows: list[int], seeds: list[int]) -> dict[int, SampleOutcome]:
+        """Model + metrics for `rows` of the batch, in one call of each."""
         heights = batch.column("height").to_pylist()
         widths = batch.column("width").to_pylist()
         composites, masks, reals = [], [], []
@@ -152,7 +175,7 @@ class HarmonizeActor:
 
         start = time.perf_counter()
         with torch.inference_mode():
-            harmonized = self.harmonizer.harmonize(inputs)
+            harmonized = self.harmonizer.harmonize(inputs)  # each (3, h, w) in [0, 1]
         harmonize_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -165,16 +188,14 @@ class HarmonizeActor:
         pixels = [
             (image.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous()
             for image in harmonized
-        ]
+        ]  # each (h, w, 3) uint8
         pixels = [image.cpu().numpy() for image in pixels]
         score_s = time.perf_counter() - start
 
         share = 1.0 / len(rows)
         return {
-            i: (
-                pixels[k].tobytes(),
-                pixels[k].shape[1],
-                pixels[k].shape[0],
+            i: SampleOutcome(
+                pixels[k],
                 {name: metrics[name][k] for name in METRIC_COLUMNS},
                 harmonize_s * share,
                 score_s * share,
@@ -182,70 +203,30 @@ class HarmonizeActor:
             for k, i in enumerate(rows)
         }
 
-    def _crash_once(self) -> None:
-        marker = self.config.crash_once_marker
-        if marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)  # a hard death, as a segfault or an OOM kill would be
-
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self._crash_once()
         ids = batch.column("sample_id").to_pylist()
         status = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()
         seeds = row_seeds(self.config, batch)
         ok_rows = [i for i, s in enumerate(status) if s == "ok"]
 
-        results: dict[int, Any] = {}
+        outcomes: dict[int, SampleOutcome] = {}
         if ok_rows:
             try:
-                results = self._run(batch, ok_rows, seeds)
+                outcomes = self._run(batch, ok_rows, seeds)
             except Exception:
                 # Isolate the failing samples: the rest of the batch still gets its output.
                 for i in ok_rows:
                     try:
-                        results.update(self._run(batch, [i], seeds))
+                        outcomes.update(self._run(batch, [i], seeds))
                     except Exception as exc:
                         status[i] = "error"
                         errors[i] = f"sample {ids[i]!r}: harmonize: {type(exc).__name__}: {exc}"
 
-        n = batch.num_rows
-        columns: dict[str, pa.Array] = {
-            "harmonized_pixels": pa.array(
-                [results[i][0] if i in results else b"" for i in range(n)], pa.large_binary()
-            ),
-            "output_width": pa.array(
-                [results[i][1] if i in results else None for i in range(n)], pa.int32()
-            ),
-            "output_height": pa.array(
-                [results[i][2] if i in results else None for i in range(n)], pa.int32()
-            ),
-            "harmonize_s": pa.array(
-                [results[i][4] if i in results else None for i in range(n)], pa.float64()
-            ),
-            "score_s": pa.array(
-                [results[i][5] if i in results else None for i in range(n)], pa.float64()
-            ),
-            "model": pa.array([self.config.model.name] * n, pa.string()),
-            "model_fingerprint": pa.array([self.fingerprint] * n, pa.string()),
-            "params_hash": pa.array([self.params_hash] * n, pa.string()),
-            "model_params": pa.array([json.dumps(self.params, sort_keys=True)] * n, pa.string()),
-            "classifier_fingerprint": pa.array([self.classifier_fingerprint] * n, pa.string()),
-            "direction": pa.array([self.config.model.direction] * n, pa.string()),
-            "device": pa.array([self.device_label] * n, pa.string()),
-            "resolution": pa.array([self.config.model.resolution] * n, pa.int32()),
-            "steps": pa.array([self.config.model.steps] * n, pa.int32()),
-            "seed": pa.array([self.config.model.seed] * n, pa.int64()),
-            "sample_seed": pa.array(seeds, pa.int64()),
-            "refine": pa.array([self.config.model.refine] * n, pa.bool_()),
-            "output_size": pa.array([self.config.model.output_size] * n, pa.string()),
-        }
-        for name in METRIC_COLUMNS:
-            values = [results[i][3][name] if i in results else None for i in range(n)]
-            # NaN (no ground truth, empty region) is stored as null: "does not apply".
-            columns[name] = pa.array([v if v == v else None for v in values], pa.float64())
-
-        batch = batch.drop_columns([c for c in PIXEL_COLUMNS if c in batch.column_names])
+        columns = arrays(
+            HARMONIZED, self._values([outcomes.get(i) for i in range(len(ids))], seeds)
+        )
+        batch = batch.drop_columns([c for c in INPUT_PIXELS if c in batch.column_names])
         batch = batch.set_column(
             batch.column_names.index("status"), "status", pa.array(status, pa.string())
         )
@@ -255,3 +236,29 @@ class HarmonizeActor:
         for name, column in columns.items():
             batch = batch.append_column(name, column)
         return batch
+
+    def _values(self, outcomes: list[SampleOutcome | None], seeds: list[int]) -> dict[str, list]:
+        """The HARMONIZED columns of a batch: each row's outcome (None: no output), and what
+        says which model, with which parameters, made it."""
+        n = len(outcomes)
+        model = self.config.model
+        same = {
+            "model": model.name, "model_fingerprint": self.fingerprint,
+            "params_hash": self.params_hash,
+            "model_params": json.dumps(self.params, sort_keys=True), "device": self.device_label,
+            "classifier_fingerprint": self.classifier_fingerprint, "direction": model.direction,
+            "resolution": model.resolution, "steps": model.steps, "seed": model.seed,
+            "refine": model.refine, "output_size": model.output_size,
+        }  # fmt: skip
+        values: dict[str, list[Any]] = {name: [value] * n for name, value in same.items()}
+        values["sample_seed"] = seeds
+        values["harmonized_pixels"] = [o.pixels.tobytes() if o else b"" for o in outcomes]
+        values["output_width"] = [o.pixels.shape[1] if o else None for o in outcomes]
+        values["output_height"] = [o.pixels.shape[0] if o else None for o in outcomes]
+        values["harmonize_s"] = [o.harmonize_s if o else None for o in outcomes]
+        values["score_s"] = [o.score_s if o else None for o in outcomes]
+        for name in METRIC_COLUMNS:
+            # NaN (no ground truth, empty region) is stored as null: "does not apply".
+            metric = [o.metrics[name] if o else None for o in outcomes]
+            values[name] = [v if v == v else None for v in metric]
+        return values

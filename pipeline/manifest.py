@@ -3,7 +3,8 @@
 Enters: the manifest URI and storage options.
 Leaves: a `Manifest` naming the Parquet files for Ray Data's `read_parquet`, the schema every
 file is read with (the files' schemas unified), the folder that relative URIs resolve
-against and the passthrough columns. Only the footers and the key columns are read here (to
+against and the passthrough columns; or a `ManifestError` in one line (a bad column, file or
+row, or storage that refuses to read it). Only the footers and the key columns are read here (to
 check them); the rows themselves stream through Ray later.
 
 Files of one folder may differ: a column missing from some files reads as null there, and a
@@ -23,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import absolute, filesystem, to_pyarrow
+from pipeline.storage import absolute, describe, filesystem, resolve, to_pyarrow
 from schemas.manifest import (
     INPUT_COLUMN,
     KEY_COLUMNS,
@@ -44,6 +45,12 @@ class Manifest:
     num_rows: int
     # The first row's input image (composite forward, real inverse) as written (for preflight).
     first_composite: str | None = None
+
+    @property
+    def first_composite_uri(self) -> str | None:
+        """The first sample's input image (composite, or real inverse) as an absolute URI
+        (None: no rows)."""
+        return resolve(self.base_dir, self.first_composite) if self.first_composite else None
 
     @property
     def passthrough(self) -> list[pa.Field]:
@@ -114,9 +121,16 @@ def _listed(files: list[str], shown: int = 3) -> str:
 def open_manifest(
     uri: str, storage_options: dict[str, Any], direction: str = "forward"
 ) -> Manifest:
-    """Find the manifest's files and validate their structure for `direction` (raises
-    `ManifestError`)."""
-    uri = absolute(uri)
+    """Find the manifest's files and validate their structure for `direction`. Raises
+    `ManifestError`, also for a manifest the storage refuses to read (one line naming the URI
+    and the cause)."""
+    try:
+        return _open_manifest(absolute(uri), storage_options, direction)
+    except OSError as exc:
+        raise ManifestError(f"manifest {uri} cannot be read: {describe(exc)}") from None
+
+
+def _open_manifest(uri: str, storage_options: dict[str, Any], direction: str) -> Manifest:
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         raise ManifestError(f"manifest not found: {uri}")

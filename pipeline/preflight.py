@@ -1,15 +1,16 @@
 """Preflight: what would doom the whole run is found before Ray starts and any model loads.
 
-Enters: a `RunConfig` (manifest URI, output prefix, storage options).
-Leaves: the opened `Manifest`, or a `PreflightError`: one line naming the URI and the cause.
-Also `storage_failure`, which finds a storage error inside the exception a failed run raised
-(Ray wraps it in its own) and says it in one line.
+Enters: a `RunConfig` (manifest URI, output prefix, storage options) and the first composite
+of the manifest the driver opened (`pipeline/manifest.py`, which refuses a manifest it cannot
+read, in one line, before this runs).
+Leaves: nothing, or a `PreflightError`: one line naming the URI and the cause. Also
+`storage_failure`, which finds a storage error inside the exception a failed run raised (Ray
+wraps it in its own) and says it in one line.
 
 Checks, in order:
-- The manifest can be read with the given credentials (`open_manifest` reads its footers and
-  key columns), and so can the first sample's composite: credentials that cannot read the
-  images fail here, not as one error row per sample. A composite that is merely missing is
-  left to its own row.
+- The first sample's composite can be looked up with the given credentials: credentials that
+  cannot read the images fail here, not as one error row per sample. A composite that is
+  merely missing is left to its own row.
 - The output can be written: neither the prefix nor its `images/` or `results/` is a file,
   and a marker object `{output}/.harmonize-preflight-{random}` is written and deleted (a
   read-only disk, a missing bucket, credentials that may read but not write).
@@ -24,15 +25,8 @@ from collections.abc import Iterator
 from ray.exceptions import RayTaskError
 
 from pipeline.config import RunConfig
-from pipeline.manifest import Manifest, open_manifest
-from pipeline.storage import (
-    StorageError,
-    describe,
-    filesystem,
-    join,
-    resolve,
-    write_atomic,
-)
+from pipeline.results import results_folder
+from pipeline.storage import StorageError, absolute, describe, filesystem, join, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +35,11 @@ class PreflightError(Exception):
     """The run cannot succeed; found before any work (one line)."""
 
 
-def check_manifest(config: RunConfig) -> Manifest:
-    """Open the manifest and look up its first input image (the composite, or the real for an
+def check_first_composite(config: RunConfig, uri: str | None) -> None:
+    """Look up the manifest's first input image (absolute URI: the composite, or the real for an
     inverse run) with the run's credentials."""
-    try:
-        manifest = open_manifest(config.manifest, config.storage_options, config.model.direction)
-    except OSError as exc:
-        raise PreflightError(
-            f"manifest {config.manifest} cannot be read: {describe(exc)}"
-        ) from None
-    if manifest.first_composite is None:
-        return manifest
-    uri = resolve(manifest.base_dir, manifest.first_composite)
+    if uri is None:
+        return
     try:
         fs, path = filesystem(uri, config.storage_options)
         fs.info(path)
@@ -60,18 +47,17 @@ def check_manifest(config: RunConfig) -> Manifest:
         pass  # that sample's own problem: its row says so
     except PermissionError as exc:
         raise PreflightError(
-            f"images of manifest {manifest.uri} cannot be read (first "
+            f"images of manifest {absolute(config.manifest)} cannot be read (first "
             f"{'real' if config.model.direction == 'inverse' else 'composite'} {uri}): "
             f"{describe(exc)}"
         ) from None
-    return manifest
 
 
 def check_output(output: str, storage_options: dict) -> None:
     """Write and delete a marker under `output`; refuse files where folders should be."""
     fs, _ = filesystem(output, storage_options)
     for name, uri in (("", output), ("images/", join(output, "images")),
-                      ("results/", join(output, "results"))):  # fmt: skip
+                      ("results/", results_folder(output))):  # fmt: skip
         try:
             is_file = fs.isfile(filesystem(uri, storage_options)[1])
         except OSError:
@@ -90,11 +76,11 @@ def check_output(output: str, storage_options: dict) -> None:
         log.warning("could not delete the preflight marker %s: %s", marker, describe(exc))
 
 
-def check(config: RunConfig) -> Manifest:
-    """Every preflight check; returns the opened manifest (raises `PreflightError`)."""
-    manifest = check_manifest(config)
+def check(config: RunConfig, first_composite: str | None) -> None:
+    """Every preflight check (raises `PreflightError`); `first_composite`: the absolute URI of
+    the manifest's first composite, None for an empty manifest."""
+    check_first_composite(config, first_composite)
     check_output(config.output, config.storage_options)
-    return manifest
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:

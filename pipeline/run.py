@@ -6,6 +6,7 @@ Leaves: `{output}/images/…` (one image per ok sample), `{output}/results/{run_
 
     read_parquet(manifest)                       rows
     → map_batches(expand_variants)    (fused)    inverse runs: a row per variant
+    → map_batches(expand_variants)    (fused)    inverse runs: a row per variant
     → map_batches(drop_done)          (fused)    rows not yet done with these parameters
     → repartition(16 rows per block)  streaming  parallel fetch tasks, steady flow
     → map_batches(fetch_and_decode)   CPU tasks  + decoded pixels, status, error
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 
@@ -37,16 +37,18 @@ from pipeline import preflight
 from pipeline.config import RunConfig
 from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, check_device, load_classifier, params_hash
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, open_manifest
 from pipeline.models import load_harmonizer
 from pipeline.placement import (
     ClusterGPUs,
     Placement,
     PlacementError,
     check_paths_reachable,
+    init_ray,
     plan_placement,
 )
-from pipeline.storage import absolute, filesystem, join, parquet_dataset, to_pyarrow
+from pipeline.results import done_sample_ids, read_results, run_folder
+from pipeline.storage import absolute, filesystem, join, to_pyarrow
 from pipeline.variants import expand_variants
 from pipeline.write import ResultsSink, write_images
 from schemas.results import results_schema_with
@@ -55,63 +57,6 @@ log = logging.getLogger(__name__)
 
 # Rows per fetch/write task: enough to overlap object-store latency, small enough to stream.
 IO_BATCH_SIZE = 16
-
-
-def init_ray(config: RunConfig) -> None:
-    """Attach to a running cluster (`ray job submit`, RAY_ADDRESS, `ray start`), else start one.
-
-    Sizing is passed only when starting a local cluster: `ray.init(num_cpus=…)` raises when it
-    connects to an existing one. Local clusters get more logical CPUs than cores, so that the
-    I/O stages and the actor pool cannot deadlock waiting for each other on small machines.
-    """
-    if ray.is_initialized():
-        return
-    if config.ray_address not in (None, "local"):
-        ray.init(address=config.ray_address)
-        return
-    if config.ray_address is None:
-        try:
-            ray.init(address="auto")
-            return
-        except ConnectionError:
-            pass
-    ray.init(
-        address="local",
-        num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-        object_store_memory=config.object_store_memory,
-    )
-
-
-def results_dir(config: RunConfig) -> str:
-    return join(config.output, "results", config.run_id)
-
-
-def read_results(
-    uri: str, storage_options: dict, columns: list[str] | None = None, name_prefix: str = ""
-) -> pa.Table | None:
-    """Every results Parquet file under `uri` (all runs; only the files whose name starts with
-    `name_prefix`), or None when there are none."""
-    dataset = parquet_dataset(uri, storage_options, name_prefix)
-    if dataset is None:
-        return None
-    if columns is not None:
-        columns = [c for c in columns if c in dataset.schema.names]
-    return dataset.to_table(columns=columns)
-
-
-def done_sample_ids(config: RunConfig, current_params_hash: str) -> pa.Array:
-    """Ids already harmonized ok with the same parameters, in any earlier run."""
-    table = read_results(
-        join(config.output, "results"),
-        config.storage_options,
-        ["sample_id", "status", "params_hash"],
-    )
-    if table is None or "params_hash" not in table.column_names:
-        return pa.array([], pa.string())
-    done = pc.and_(
-        pc.equal(table["status"], "ok"), pc.equal(table["params_hash"], current_params_hash)
-    )
-    return pc.unique(table.filter(done)["sample_id"]).cast(pa.string())
 
 
 def drop_done(batch: pa.Table, done: ray.ObjectRef) -> pa.Table:
@@ -152,7 +97,7 @@ def probe_params_hash(config: RunConfig, placement: Placement) -> str:
     and hash its fingerprint with the output parameters."""
 
     def probe() -> str:
-        from pipeline.models.loading import ModelDirError
+        from pipeline.models.layout import ModelDirError
 
         check_device(config.model.device)
         try:
@@ -297,7 +242,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str) -> RunSummary:
     """Read back the results this execution wrote (a few small columns) and count them."""
-    uri = results_dir(config)
+    uri = run_folder(config.output, config.run_id)
     columns = ["status", "error", "mse", "composite_mse", "device", "fmse", "unharmony_prob",
                "source_sample_id"]  # fmt: skip
     table = read_results(uri, config.storage_options, columns, name_prefix=file_prefix)
@@ -341,30 +286,17 @@ def run(config: RunConfig) -> RunSummary:
     # Workers run in other folders, and results name their images: a local relative output
     # becomes absolute here, once.
     config = replace(config, output=absolute(config.output))
-    manifest = preflight.check(config)  # manifest, storage, output: fails before any model
+    # Footers and key columns, checked for the run's direction (inverse runs read real_uri).
+    manifest = open_manifest(config.manifest, config.storage_options, config.model.direction)
+    preflight.check(config, manifest.first_composite_uri)  # storage, output: before any model
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
     init_ray(config)
     config, placement = place(config)  # fails here, before any model loads
     start = time.perf_counter()
-    done = done_sample_ids(config, probe_params_hash(config, placement))
+    done = done_sample_ids(
+        config.output, config.storage_options, probe_params_hash(config, placement)
+    )
     dataset = build_dataset(config, manifest, placement, done)
-    sink = ResultsSink(results_dir(config), config)
+    sink = ResultsSink(run_folder(config.output, config.run_id), config)
     dataset.write_datasink(sink)
     return summarize(config, time.perf_counter() - start, len(done), sink.file_prefix)
-
-
-def list_runs(output: str, storage_options: dict) -> pa.Table:
-    """One row per run under `{output}/results/`: counts, model, parameters, when."""
-    columns = ["run_id", "status", "model", "params_hash", "created_at"]
-    table = read_results(join(output, "results"), storage_options, columns)
-    if table is None:
-        return pa.table({c: pa.array([], pa.string()) for c in ("run_id", "model", "params_hash")})
-    table = table.append_column("ok", pc.cast(pc.equal(table["status"], "ok"), pa.int64()))
-    table = table.append_column("error", pc.cast(pc.not_equal(table["status"], "ok"), pa.int64()))
-    runs = table.group_by(["run_id", "model", "params_hash"]).aggregate(
-        [("ok", "sum"), ("error", "sum"), ("created_at", "min"), ("created_at", "max")]
-    )
-    runs = runs.rename_columns(
-        ["run_id", "model", "params_hash", "ok", "error", "started", "finished"]
-    )
-    return runs.sort_by("started")

@@ -5,53 +5,23 @@ Enters: harmonized, composite and (optional) real images as lists of (3, H, W) t
 Leaves: a dict of metric name -> (B,) float64 tensor; NaN where a metric does not apply
 (`score_batch` returns every column of `schemas.results.METRIC_COLUMNS`).
 
-Images are put on the uint8 scale [0, 255] first (rounded, as the written file holds them).
-
-Ground-truth metrics follow the official iHarmony4 evaluation: images rounded to uint8 (as
-the written file holds them) and resized to 256x256 by PIL exactly as the official script and
-`harmonize evaluate` resize them (bilinear; the mask 1-bit, nearest at pixel centres), so a
-row's metrics are its line of the table:
-  mse  = mean over pixels and channels of (out - real)^2
-  psnr = 10 log10(255^2 / mse)                                   (inf when identical)
-  fmse = sum(mask * (out - real)^2) / (channels * sum(mask))   (foreground MSE)
-  bmse = the same over (1 - mask)                               (background MSE)
-  ssim = mean SSIM over pixels and channels, Gaussian window (sigma 1.5, 11x11), data range
-         255, population covariances, the 5-pixel border left out: what scikit-image's
-         `structural_similarity(..., gaussian_weights=True, sigma=1.5,
-         use_sample_covariance=False, data_range=255)` computes
-  mse_full, psnr_full = mse and psnr at the output's own size (no 256 px resize; the real is
-         resized to the output when `--output-size model` made it square)
-
-Reference-free metrics (every sample), at the output's own size (composite and mask resized
-to it when they differ) unless said otherwise:
-  bg_psnr = 10 log10(255^2 / bmse(out, composite)), capped at BG_PSNR_CAP dB: an untouched
-         background has bmse 0 (infinite PSNR); the cap keeps means finite
-  fg_change = sum(mask * |out - composite|) / (channels * sum(mask))
-  lab_gap(x) = || (mean_fg - mean_bg, std_fg - std_bg) || over the 3 CIE Lab channels of x,
-         at 256x256: lab_gap_before of the composite, lab_gap_after of the output
-  sharpness_ratio = hf(out) / hf(composite), hf = mean Laplacian^2 of the luminance over the
-         mask's interior (the mask eroded by 3x3: its edge does not count) divided by the
-         luminance variance there (so that a contrast or colour change alone leaves it at 1
-         and only a loss of detail lowers it)
-  mask_area = sum(mask) / (H * W) at the input's size
-  How the foreground changed, output against composite at 256 px (they expose a ruined
-  output, which lab_gap_after alone calls an improvement whenever the foreground moved toward
-  the background's statistics, right or wrong):
-  fg_delta_e, fg_delta_e_p95 = mean and 95th percentile over the mask of CIEDE2000 (about 2.3
-         is just noticeable; iHarmony4-strength corrections sit around 5-12 at the 95th)
-  fg_hue_shift = change of the hue angle of the foreground's mean (a*, b*), degrees in
-         (-180, 180]: a recoloured object (a face turned blue) shows tens of degrees
-  fg_chroma_change = mean chroma C* of the foreground, output minus composite (Lab units):
-         negative = washed out
-  fg_structure = mean over the mask of the SSIM of luma (Gaussian window as ssim): 1 = the
-         same structure and contrast; drops with invented content, blur or lost contrast
-  unharmony_prob = the harmony classifier's softmax probability of "unharmonious" for the
-         output, from its 256 px pixels (`models/classifier.py`); with --classifier only
-
-Inverse runs (the input is the real image, the output a generated composite): every metric
-compares the output with the real, so mse / fmse / the Lab gaps / the foreground changes say
-how strong the generated disharmony is, and bg_psnr that the background is the real's; the
-composite_* baseline does not apply.
+What each metric is (its formula, range, which way is better, whether it needs the ground
+truth) is defined once, in its column of the results schema (`schemas/results.py`; `harmonize
+schema` and the README print it). Here is how they are computed:
+- Images are put on the uint8 scale [0, 255] first, rounded as the written file holds them.
+- Ground-truth metrics follow the official iHarmony4 evaluation: output, composite, real and
+  mask resized to 256x256 by PIL exactly as the official script and `harmonize evaluate` resize
+  them (bilinear; the mask 1-bit, nearest at pixel centres), so a row's metrics are its line of
+  the table; `mse_full` / `psnr_full` skip that resize.
+- Reference-free metrics are computed at the output's own size (composite and mask resized to
+  it when `--output-size model` made them differ), except the Lab gaps and the foreground
+  changes, which use the same 256 px images as the ground-truth metrics. SSIM is scikit-image's
+  Gaussian SSIM (`ssim_map`, tested against it); CIEDE2000 is `imaging.delta_e_2000`.
+- `unharmony_prob` is the harmony classifier's (`models/classifier.py`, with `--classifier`)
+  on the same 256 px output.
+- Inverse runs (the input is the real image, the output a generated composite): the input is
+  the ground truth, so every ground-truth metric compares the output with the real, and the
+  composite_* baseline (input against the real) is NaN.
 """
 
 from __future__ import annotations
@@ -63,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.imaging import delta_e_2000, eval_resize, eval_resize_mask, resize, rgb_to_lab
+from schemas.results import GROUND_TRUTH_METRICS
 
 if TYPE_CHECKING:
     from pipeline.models.classifier import HarmonyClassifier
@@ -75,11 +46,6 @@ BG_PSNR_CAP = 100.0
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-# The metrics that need `real_uri`; NaN (stored as null) for samples without ground truth.
-GROUND_TRUTH_METRICS = (
-    "mse", "psnr", "fmse", "bmse", "composite_mse", "composite_psnr", "composite_fmse",
-    "ssim", "mse_full", "psnr_full",
-)  # fmt: skip
 # The input's own metrics against the ground truth (the unharmonized baseline). In inverse runs
 # the input is the ground truth: they do not apply (NaN, stored as null).
 BASELINE_METRICS = ("composite_mse", "composite_psnr", "composite_fmse")

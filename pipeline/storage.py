@@ -103,15 +103,6 @@ def parquet_dataset(
     return factory.finish(factory.inspect(promote_options="permissive", fragments=None))
 
 
-def results_location(uri: str, storage_options: dict[str, Any]) -> str:
-    """The folder of results Parquet files that `uri` names (an output prefix -> results/)."""
-    uri = absolute(uri)
-    fs, path = filesystem(uri, storage_options)
-    if fs.isdir(join(path, "results")):
-        return join(uri, "results")
-    return uri
-
-
 def has_protocol(uri: str) -> bool:
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri) is not None
 

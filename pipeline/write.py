@@ -1,7 +1,7 @@
 """Encode and write: harmonized pixels in, images and results Parquet out.
 
-Enters: pyarrow batches from `harmonize.py` (`harmonized_pixels`, `output_width`,
-`output_height`, model columns, metrics, passthrough columns).
+Enters: pyarrow batches from `harmonize.py` (the manifest's columns, `schemas.stages.DECODED`
+less its pixels, `schemas.stages.HARMONIZED`).
 Leaves: `write_images` (Ray CPU tasks) writes each ok row's image to `output_uri`
 (`{output}/images/{safe sample_id}.{format}`) and only then emits the row, in the results
 schema (`schemas/results.py`) followed by the passthrough columns. `ResultsSink` writes those

@@ -74,7 +74,7 @@ def s3_bucket(s3_server: dict[str, str], request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from pipeline.demo import build_demo
+    from pipeline.datasets.demo import build_demo
 
     return build_demo(str(tmp_path_factory.mktemp("demo")))
 

@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig
-from pipeline.models import HarmonizeBatch, load_harmonizer
+from pipeline.models import load_harmonizer
 from pipeline.models.assemble import MODEL_CARD
+from pipeline.models.base import HarmonizeBatch
 from pipeline.storage import filesystem
 
 runner = CliRunner()

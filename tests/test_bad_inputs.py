@@ -18,7 +18,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.run import read_results, run
+from pipeline.results import read_results
+from pipeline.run import run
 
 H, W = 60, 90
 MAX_PIXELS = 200_000

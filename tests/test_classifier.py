@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_checkpoint import harmony_classifier_state
 
+from bench.random_model import harmony_classifier_state
 from pipeline.models.classifier import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -18,7 +18,7 @@ from pipeline.models.classifier import (
     HarmonyClassifier,
     ResNet50,
 )
-from pipeline.models.loading import UnsafePickleError
+from pipeline.models.layout import UnsafePickleError
 from pipeline.score import to_eval_scale
 
 

@@ -21,14 +21,15 @@ from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.compose import ComposeConfig, compose, compose_batch, open_objects
+from pipeline.compose.inputs import ComposeConfig, open_objects
+from pipeline.compose.job import compose, compose_batch
+from pipeline.compose.layout import LayoutRules
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.export import export_coco
-from pipeline.layout import LayoutRules
 from pipeline.preflight import PreflightError
-from pipeline.report import build_report
 from pipeline.run import run
 from pipeline.storage import filesystem, read_bytes, to_pyarrow, write_atomic
+from pipeline.tools.export import export_coco
+from pipeline.tools.report import build_report
 
 RULES = LayoutRules(
     per_background=2, min_objects=1, max_objects=3, scale=(0.3, 0.6), max_overlap=0.3

@@ -10,7 +10,8 @@ import pytest
 import torch
 from official_cvae import official_decode_with_cond, randomize
 
-from pipeline.models.condition_vae import CONDITION_VAE_CLASS_NAME, ConditionVAE
+from pipeline.models.condition_vae import ConditionVAE
+from pipeline.models.layout import CONDITION_VAE_CLASS_NAME
 
 CONFIG = {
     "in_channels": 3,

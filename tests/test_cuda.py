@@ -20,10 +20,10 @@ from tiny_checkpoint import write_tiny_model_dir
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ModelConfig, RunConfig
+from pipeline.config import ModelConfig
 from pipeline.models import load_harmonizer
 from pipeline.models.diffharmony import DiffHarmonyHarmonizer
-from pipeline.run import results_dir
+from pipeline.results import run_folder
 from pipeline.storage import filesystem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -135,7 +135,7 @@ def _run(manifest: str, output: Path, model_dir: Path, dtype: str) -> dict[str, 
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "8 ok, 0 error" in result.output, result.output
-    fs, path = filesystem(results_dir(RunConfig(manifest, str(output), run_id=dtype)), {})
+    fs, path = filesystem(run_folder(str(output), dtype), {})
     files = [f for f in fs.find(path) if f.endswith(".parquet")]
     rows = pq.read_table(files[0]) if len(files) == 1 else pq.ParquetDataset(files).read()
     assert set(rows["status"].to_pylist()) == {"ok"}

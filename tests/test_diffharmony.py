@@ -21,19 +21,14 @@ from official_cvae import official_decode_with_cond
 from tiny_checkpoint import write_tiny_model_dir
 
 from pipeline.config import ModelConfig
-from pipeline.models import HarmonizeBatch, load_harmonizer
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch
+from pipeline.models.cache import MANIFEST, cache_path, resolve_model_dir, verify_cache
+from pipeline.models.check import check_model_dir
+from pipeline.models.components import save_empty_prompt_embeds
 from pipeline.models.condition_vae import ConditionVAE
 from pipeline.models.diffharmony import DiffHarmonyHarmonizer, euler_ancestral_step
-from pipeline.models.loading import (
-    MANIFEST,
-    ModelDirError,
-    UnsafePickleError,
-    cache_path,
-    check_model_dir,
-    resolve_model_dir,
-    save_empty_prompt_embeds,
-    verify_cache,
-)
+from pipeline.models.layout import ModelDirError, UnsafePickleError
 from pipeline.models.refiner import RefinerUNet, refiner_preset
 
 RESOLUTION = 64
@@ -464,22 +459,28 @@ def memory_model_uri(tiny_dir: Path) -> Iterator[str]:
     fs.rm(root, recursive=True)
 
 
+def count_fetches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URIs the node cache copies from, one entry per copy."""
+    from pipeline.models import cache
+
+    fetches: list[str] = []
+    real_fetch = cache._fetch_tree
+
+    def counting_fetch(*args: object, **kwargs: object) -> None:
+        fetches.append(str(args[-1]))
+        real_fetch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "_fetch_tree", counting_fetch)
+    return fetches
+
+
 def test_remote_model_dir_is_copied_once_and_checked(
     memory_model_uri: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     harmonizer: DiffHarmonyHarmonizer,
 ) -> None:
-    from pipeline.models import loading
-
-    fetches: list[str] = []
-    real_fetch = loading._fetch_tree
-
-    def counting_fetch(*args: object, **kwargs: object) -> None:
-        fetches.append(str(args[-1]))
-        real_fetch(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(loading, "_fetch_tree", counting_fetch)
+    fetches = count_fetches(monkeypatch)
     cache = tmp_path / "cache"
     local = resolve_model_dir(memory_model_uri, cache_dir=cache)
     assert (
@@ -522,16 +523,7 @@ def test_concurrent_loads_on_one_node_copy_once(
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.models import loading
-
-    fetches: list[str] = []
-    real_fetch = loading._fetch_tree
-
-    def counting_fetch(*args: object, **kwargs: object) -> None:
-        fetches.append(str(args[-1]))
-        real_fetch(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(loading, "_fetch_tree", counting_fetch)
+    fetches = count_fetches(monkeypatch)
     with ThreadPoolExecutor(4) as pool:
         paths = list(
             pool.map(lambda _: resolve_model_dir(memory_model_uri, cache_dir=tmp_path), range(4))

@@ -29,11 +29,14 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.demo import OBJECTS, lab_statistics, load_photo, make_composite, object_mask
-from pipeline.evaluate import EvaluationError, evaluate
-from pipeline.manifests import ManifestBuildError, build_folder, build_iharmony4
-from pipeline.run import read_results, run
+from pipeline.datasets.build import ManifestBuildError
+from pipeline.datasets.demo import OBJECTS, lab_statistics, load_photo, make_composite, object_mask
+from pipeline.datasets.folder import build_folder
+from pipeline.datasets.iharmony4 import build_iharmony4
+from pipeline.results import ResultsError, read_results
+from pipeline.run import run
 from pipeline.storage import filesystem, join, write_atomic
+from pipeline.tools.evaluate import evaluate
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def _encode(pixels: np.ndarray, fmt: str) -> bytes:
 
 def build_tree(root: str, options: dict[str, Any]) -> None:
     """The miniature iHarmony4 tree under `root` (any URI), made as iHarmony4 was: a real
-    object's mask and a colour transfer from another photo's object (pipeline/demo.py)."""
+    object's mask and a colour transfer from another photo's object (pipeline/datasets/demo.py)."""
     statistics: dict[tuple[str, str], Any] = {}
     for c in TREE:
         photo = load_photo(c.photo)
@@ -455,7 +458,7 @@ def test_evaluate_reports_what_it_cannot_score(
         pa.array(["0000000000000000"] * results.num_rows),
     )  # fmt: skip
     write_atomic(f"{output}/results/r2/part-000000.parquet", _parquet(other), {})
-    with pytest.raises(EvaluationError, match="2 parameter sets"):
+    with pytest.raises(ResultsError, match="2 parameter sets"):
         evaluate(output)
     result = CliRunner().invoke(app, ["evaluate", "--results", output])
     assert result.exit_code == 2 and "--params-hash" in result.output

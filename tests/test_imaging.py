@@ -18,7 +18,7 @@ from pipeline.imaging import (
     resize_each,
     rgb_to_lab,
 )
-from pipeline.models import HarmonizeBatch, sample_seed
+from pipeline.models.base import HarmonizeBatch, sample_seed
 from pipeline.models.reinhard import ReinhardHarmonizer
 
 

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig
-from pipeline.models import HarmonizeBatch, load_harmonizer
-from pipeline.models.base import sample_seed, variant_seed
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch, sample_seed, variant_seed
 from pipeline.models.classifier import HarmonyClassifier
 from pipeline.score import to_eval_scale
 from pipeline.storage import filesystem, read_bytes, to_pyarrow

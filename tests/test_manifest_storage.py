@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import open_manifest, promote
-from pipeline.run import read_results
+from pipeline.results import read_results
 from pipeline.storage import resolve, safe_key, write_atomic
 from schemas.manifest import ManifestError
 

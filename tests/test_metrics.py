@@ -22,14 +22,13 @@ from pipeline.models.base import HarmonizeBatch
 from pipeline.models.reinhard import IdentityHarmonizer, ReinhardHarmonizer
 from pipeline.score import (
     BG_PSNR_CAP,
-    GROUND_TRUTH_METRICS,
     full_resolution_metrics,
     lab_gap,
     score_batch,
     sharpness_ratio,
     ssim,
 )
-from schemas.results import METRIC_COLUMNS
+from schemas.results import GROUND_TRUTH_METRICS, METRIC_COLUMNS
 
 
 def texture(height: int, width: int, seed: int = 0) -> np.ndarray:

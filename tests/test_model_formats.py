@@ -30,8 +30,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig
-from pipeline.models import HarmonizeBatch, load_harmonizer
-from pipeline.models.loading import check_model_dir
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch
+from pipeline.models.check import check_model_dir
 
 runner = CliRunner()
 

@@ -14,17 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_resume import grown_manifest
 from tiny_checkpoint import write_tiny_model_dir
 
-from pipeline.models.loading import cache_path, verify_cache
-from pipeline.run import read_results
+from bench.common import grown_manifest
+from pipeline.models.cache import cache_path, verify_cache
+from pipeline.results import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_worker_node_killed_mid_run(demo_manifest: str, tmp_path: Path) -> None:
-    manifest = grown_manifest(demo_manifest, tmp_path / "manifest.parquet", copies=4)  # 32
+    manifest = grown_manifest(demo_manifest, tmp_path / "manifest.parquet", 32)
     model_uri = write_tiny_model_dir(tmp_path / "model").as_uri()
     work = tmp_path / "work"
     # Each node has its own HOME (its own model cache); token authentication would look for

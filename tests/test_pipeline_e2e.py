@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -17,15 +16,16 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.demo import build_demo
-from pipeline.run import results_dir, run
-from pipeline.storage import filesystem, read_bytes, resolve, to_pyarrow
+from pipeline.datasets.demo import build_demo
+from pipeline.results import read_results, run_folder
+from pipeline.run import run
+from pipeline.storage import filesystem, read_bytes, resolve
 
 
-def read_results(config: RunConfig) -> pa.Table:
-    fs, path = filesystem(results_dir(config), config.storage_options)
-    files = [f for f in fs.find(path) if f.endswith(".parquet")]
-    return pads.dataset(files, filesystem=to_pyarrow(fs)).to_table()
+def run_results(config: RunConfig) -> pa.Table:
+    table = read_results(run_folder(config.output, config.run_id), config.storage_options)
+    assert table is not None, "the run wrote no results"
+    return table
 
 
 def decode(uri: str, options: dict[str, Any], mode: str = "RGB") -> np.ndarray:
@@ -43,7 +43,7 @@ def check_outputs(config: RunConfig, manifest_uri: str) -> pa.Table:
     options = config.storage_options
     base_dir = manifest_uri.rsplit("/", 1)[0]
     rows = manifest_rows(manifest_uri, options)
-    results = read_results(config)
+    results = run_results(config)
     assert sorted(results.column("sample_id").to_pylist()) == sorted(r["sample_id"] for r in rows)
     by_id = {r["sample_id"]: r for r in results.to_pylist()}
     for row in rows:
@@ -119,7 +119,7 @@ def test_bad_rows_become_error_rows(ray_cluster: None, tmp_path: Any) -> None:
                        model=ModelConfig(resolution=128), show_progress=False)  # fmt: skip
     summary = run(config)
     assert (summary.samples, summary.ok, summary.error) == (10, 8, 2)
-    errors = {r["sample_id"]: r for r in read_results(config).to_pylist() if r["status"] == "error"}
+    errors = {r["sample_id"]: r for r in run_results(config).to_pylist() if r["status"] == "error"}
     assert "'missing'" in errors["missing"]["error"] and "not found" in errors["missing"]["error"]
     assert (
         "'corrupt'" in errors["corrupt"]["error"] and "readable image" in errors["corrupt"]["error"]
@@ -136,7 +136,7 @@ def test_cli_run_output_size_model(ray_cluster: None, demo_manifest: str, output
     assert result.exit_code == 0, result.output
     assert "8 ok, 0 error" in result.output and "images/s" in result.output
     config = replace(RunConfig(manifest=demo_manifest, output=output_dir), run_id="cli-test")
-    for uri in read_results(config)["output_uri"].to_pylist():
+    for uri in run_results(config)["output_uri"].to_pylist():
         assert uri.endswith(".webp") and decode(uri, {}).shape == (256, 256, 3)
 
 
@@ -220,7 +220,7 @@ def test_folder_manifest_whose_files_differ(
                        show_progress=False)  # fmt: skip
     summary = run(config)
     assert (summary.ok, summary.error) == (8, 0), summary.errors
-    results = read_results(config)
+    results = run_results(config)
     assert results.schema.field("score").type == pa.int64()
     rows = {r["sample_id"]: r for r in results.to_pylist()}
     ids = table["sample_id"].to_pylist()

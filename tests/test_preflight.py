@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.demo import build_demo
+from pipeline.datasets.demo import build_demo
 from pipeline.preflight import storage_failure
 from pipeline.run import run
 from pipeline.storage import describe, filesystem

@@ -1,7 +1,7 @@
 """Honest quality signals on realistic composites: object masks, iHarmony4-strength transfers.
 
-The composites are the demo's (pipeline/demo.py: GrabCut object masks in scikit-image's photos,
-another photo's object colour statistics transferred at composite MSE 45-230). Two kinds of
+The composites are the demo's (pipeline/datasets/demo.py: GrabCut object masks in scikit-image's
+photos, another photo's object colour statistics transferred at composite MSE 45-230). Two kinds of
 output are scored as the pipeline scores them:
 - Reinhard's, which on such composites ruins most of them (checked against the ground truth);
 - mild, correct corrections: the composite moved 30 % or 50 % of the way back to the real
@@ -24,10 +24,11 @@ import torch
 from PIL import Image
 
 from pipeline.config import ModelConfig
-from pipeline.demo import build_demo
-from pipeline.models import HarmonizeBatch, load_harmonizer
-from pipeline.query import QUALITY_FILTER
+from pipeline.datasets.demo import build_demo
+from pipeline.models import load_harmonizer
+from pipeline.models.base import HarmonizeBatch
 from pipeline.score import score_batch
+from pipeline.tools.stats import QUALITY_FILTER
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_README_FILTER = "bg_psnr > 35 AND lab_gap_after < lab_gap_before"

@@ -31,11 +31,12 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.manifest import open_manifest
-from pipeline.query import MANIFEST_METRIC_PREFIX, QueryError, select
-from pipeline.report import IMAGE_KINDS, build_report
-from pipeline.run import read_results, run
+from pipeline.results import ResultsError, read_results
+from pipeline.run import run
 from pipeline.score import BG_PSNR_CAP
 from pipeline.storage import filesystem
+from pipeline.tools.report import IMAGE_KINDS, build_report
+from pipeline.tools.selection import MANIFEST_METRIC_PREFIX, select_samples
 from schemas.results import METRIC_COLUMNS, RESULTS_SCHEMA
 
 RUN_ID = "metrics-run"
@@ -240,7 +241,9 @@ def test_results_older_than_a_metric(demo_run: tuple[str, pa.Table], tmp_path: P
     index = old.schema.get_field_index("created_at")
     _write_results(old.set_column(index, "created_at", hour_earlier), mixed / "a-old")
     _write_results(table, mixed / "b-new")
-    selection = select(str(tmp_path / "mixed"), "bg_psnr >= 100", str(tmp_path / "n.parquet"))
+    selection = select_samples(
+        str(tmp_path / "mixed"), "bg_psnr >= 100", str(tmp_path / "n.parquet")
+    )
     assert (selection.ok_samples, selection.selected) == (8, 8)
 
 
@@ -252,9 +255,9 @@ def test_several_parameter_sets_need_params_hash(
                              pa.array(["other-params"] * table.num_rows))  # fmt: skip
     _write_results(table, tmp_path / "out" / "results" / "run-a")
     _write_results(other, tmp_path / "out" / "results" / "run-b")
-    with pytest.raises(QueryError, match="2 parameter sets"):
-        select(str(tmp_path / "out"), "psnr > 0", str(tmp_path / "m.parquet"))
-    chosen = select(str(tmp_path / "out"), "psnr > 0", str(tmp_path / "m.parquet"),
+    with pytest.raises(ResultsError, match="2 parameter sets"):
+        select_samples(str(tmp_path / "out"), "psnr > 0", str(tmp_path / "m.parquet"))
+    chosen = select_samples(str(tmp_path / "out"), "psnr > 0", str(tmp_path / "m.parquet"),
                     params_hash="other-params")  # fmt: skip
     assert chosen.selected == 8
     assert set(pq.read_table(tmp_path / "m.parquet")["source_params_hash"].to_pylist()) == {

@@ -17,28 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from bench.common import grown_manifest
 from pipeline.cli import app
 from pipeline.config import ModelConfig, RunConfig
-from pipeline.query import select, stats
-from pipeline.run import list_runs, read_results, run
+from pipeline.harmonize import HarmonizeActor
+from pipeline.results import list_runs, read_results
+from pipeline.run import run
+from pipeline.tools.selection import select_samples
+from pipeline.tools.stats import stats
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def grown_manifest(demo_manifest: str, path: Path, copies: int) -> str:
-    """The demo rows repeated under new ids (same images), as a bigger manifest."""
-    table = pq.read_table(demo_manifest)
-    base = Path(demo_manifest).parent
-    parts = []
-    for copy in range(copies):
-        ids = pa.array([f"{sid}-{copy}" for sid in table["sample_id"].to_pylist()])
-        part = table.set_column(0, "sample_id", ids)
-        for column in ("composite_uri", "mask_uri", "real_uri"):
-            absolute = [str(base / uri) for uri in part[column].to_pylist()]
-            part = part.set_column(part.schema.get_field_index(column), column, pa.array(absolute))
-        parts.append(part)
-    pq.write_table(pa.concat_tables(parts), path)
-    return str(path)
 
 
 def all_results(output: str) -> pa.Table:
@@ -87,7 +75,7 @@ def test_reusing_a_run_id_keeps_every_result(
     ray_cluster: None, demo_manifest: str, tmp_path: Path
 ) -> None:
     """A scheduler retrying with the same --run-id, after a partial and after a complete run."""
-    full = grown_manifest(demo_manifest, tmp_path / "full.parquet", copies=1)  # 8 samples
+    full = grown_manifest(demo_manifest, tmp_path / "full.parquet", 8)  # 8 samples
     partial = tmp_path / "partial.parquet"
     pq.write_table(pq.read_table(full).slice(0, 3), partial)
     output = str(tmp_path / "out")
@@ -133,13 +121,13 @@ def test_two_concurrent_runs_into_one_output(
     )
     summary = stats(output)
     assert (summary.ok_samples, summary.samples, summary.failed_samples) == (8, 8, 0)
-    selection = select(output, "true", str(tmp_path / "selected.parquet"))
+    selection = select_samples(output, "true", str(tmp_path / "selected.parquet"))
     ids = pq.read_table(tmp_path / "selected.parquet")["sample_id"].to_pylist()
     assert selection.selected == 8 and len(ids) == len(set(ids)) == 8
 
 
 def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
-    manifest = grown_manifest(demo_manifest, tmp_path / "big.parquet", copies=12)  # 96 samples
+    manifest = grown_manifest(demo_manifest, tmp_path / "big.parquet", 96)  # 96 samples
     output = tmp_path / "out"
     command = [sys.executable, str(REPO / "jobs" / "harmonize.py"), "--manifest", manifest,
                "--output", str(output), "--no-progress", "--ray-address", "local",
@@ -176,13 +164,39 @@ def test_sigkill_driver_then_resume(demo_manifest: str, tmp_path: Path) -> None:
     assert len(images) == 96
 
 
-def test_actor_death_is_retried(ray_cluster: None, demo_manifest: str, tmp_path: Path) -> None:
+class CrashOnce(HarmonizeActor):
+    """The pipeline's actor, except that the first one to find no file at `marker` creates it
+    and dies hard, as a segfault or an OOM kill would: Ray must restart it and retry its batch.
+    Shipped to the workers by value (the test module is not importable there)."""
+
+    marker = ""  # set by the test
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_actor_death_is_retried(
+    ray_cluster: None, demo_manifest: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray.cloudpickle
+
+    import pipeline.run
+
     marker = tmp_path / "crashed"
-    config = RunConfig(
-        demo_manifest, str(tmp_path / "out"), model=ModelConfig(resolution=64),
-        show_progress=False, crash_once_marker=str(marker),
-    )  # fmt: skip
-    summary = run(config)
+    monkeypatch.setattr(CrashOnce, "marker", str(marker))
+    monkeypatch.setattr(pipeline.run, "HarmonizeActor", CrashOnce)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        config = RunConfig(
+            demo_manifest, str(tmp_path / "out"), model=ModelConfig(resolution=64),
+            show_progress=False,
+        )  # fmt: skip
+        summary = run(config)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert marker.exists(), "the fault was not injected"
     assert (summary.samples, summary.ok) == (8, 8)
     ids = all_results(config.output)["sample_id"].to_pylist()

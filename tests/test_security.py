@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
-from pipeline.demo import build_demo
+from pipeline.datasets.demo import build_demo
 from pipeline.storage import filesystem
 
 REPO = Path(__file__).resolve().parent.parent

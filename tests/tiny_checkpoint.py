@@ -5,7 +5,8 @@ Leaves:
 - `write_tiny_model_dir`: ROOT/{tokenizer,text_encoder,scheduler,vae,unet,refiner} with the same
   file names, config keys and module structure as the real components (stable-diffusion-
   inpainting's tokenizer, text encoder and scheduler, sd-vae-ft-mse, the DiffHarmony UNet and
-  refiner), only far smaller, written by today's libraries (transformers 5, diffusers).
+  refiner), only far smaller, written by today's libraries (transformers 5, diffusers): the
+  `tiny` model of `bench.random_model`, which the benchmarks build too.
 - `FORMATS`: rewrites of such a folder, in place, into the formats real downloads have: a text
   encoder saved by transformers 4.x (`text_model.` prefix), the VAE with pre-diffusers-0.14
   attention names, pickled `.bin` weights, fp16 variant files, sharded safetensors, tokenizers
@@ -13,6 +14,8 @@ Leaves:
   the modern folder (for fp16: as `round_to_fp16` of it), so no old library is needed.
 - `write_official_download`: the three downloads `harmonize model assemble` takes, laid out as
   users get them (nested release folders, `.bin` files, decoy components that must not be taken).
+- `write_harmony_classifier`: the release's harmony classifier (`model_state_dict.pth`, a
+  pickled state dict), random weights from `bench.random_model`.
 Weights are drawn from a fixed seed, so two calls write identical files. Works offline.
 """
 
@@ -25,152 +28,16 @@ from pathlib import Path
 
 import torch
 
-TEXT_HIDDEN = 32
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+from bench.random_model import (
+    TINY_VOCAB,
+    harmony_classifier_state,
+    random_modules,
+    write_model_dir,
+)
+
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
-
-# stable-diffusion-inpainting's scheduler/scheduler_config.json, which the official script turns
-# into an EulerAncestralDiscreteScheduler with `from_config`.
-SD_INPAINTING_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-
-
-def _tokenizer() -> object:
-    """A byte-level-BPE CLIP tokenizer over lowercase letters and two merges ("th", "the")."""
-    from transformers import CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = [*letters, *(c + "</w>" for c in letters), "th", "the</w>", _BOS, _EOS]
-    return CLIPTokenizer(
-        vocab={token: i for i, token in enumerate(tokens)},
-        merges=[("t", "h"), ("th", "e</w>")],
-        model_max_length=77,
-    )
-
-
-def _save_torch_bin(model: torch.nn.Module, path: Path) -> None:
-    """A pickled state dict, as older diffusers/transformers releases wrote them."""
-    (path.parent / TRANSFORMERS_WEIGHTS).unlink(missing_ok=True)
-    (path.parent / DIFFUSERS_WEIGHTS).unlink(missing_ok=True)
-    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-
-
-def _modules(seed: int = 0) -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from pipeline.models.refiner import RefinerUNet
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vocab_size = 56  # _tokenizer()'s
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=TEXT_HIDDEN,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=vocab_size - 2,
-                eos_token_id=vocab_size - 1,
-                pad_token_id=vocab_size - 1,
-                hidden_act="quick_gelu",
-                projection_dim=TEXT_HIDDEN,
-            )
-        )
-        # Four blocks, as sd-vae-ft-mse: the latent is 1/8 of the image side.
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=64,
-            scaling_factor=0.18215,
-        )
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=9,  # 4 latent + 1 mask + 4 composite latent
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            cross_attention_dim=TEXT_HIDDEN,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
-        refiner = RefinerUNet(
-            sample_size=32,
-            in_channels=7,
-            out_channels=3,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            downsample_padding=0,
-            attention_head_dim=None,
-            norm_num_groups=4,
-            norm_eps=1e-6,
-            input_residual=True,
-        )
-        # Random init leaves the refiner's output tiny next to its residual; scale it up so the
-        # tests can see stage 2 at work.
-        refiner.conv_out.weight.data.mul_(20.0)
-        # DiffHarmony++: the Harmony-VAE, and the inverse model's own UNet and Harmony-VAE
-        # (the release's diffharmony-gen and cvae-gen: same architectures, other weights).
-        condition_vae = _condition_vae(vae)
-        inverse_unet = UNet2DConditionModel.from_config(unet.config)
-        inverse_condition_vae = _condition_vae(vae)
-    return {
-        "text_encoder": text_encoder,
-        "vae": vae,
-        "unet": unet,
-        "refiner": refiner,
-        "condition_vae": condition_vae,
-        "inverse_unet": inverse_unet,
-        "inverse_condition_vae": inverse_condition_vae,
-    }
-
-
-def _condition_vae(vae: torch.nn.Module) -> torch.nn.Module:
-    """A Harmony-VAE made from the tiny VAE as the official `ConditionVAE.from_vae` makes it
-    (encoder, decoder, quant convs; the conditional encoder from the encoder), then "trained":
-    every weight perturbed, and the zero-initialised skips and `add_conv_in` random and
-    non-zero, so that tests can see each of them (draws from the caller's RNG state)."""
-    from pipeline.models.condition_vae import ConditionVAE
-
-    shared = (
-        "in_channels out_channels down_block_types up_block_types block_out_channels "
-        "layers_per_block act_fn latent_channels norm_num_groups sample_size scaling_factor"
-    ).split()
-    condition_vae = ConditionVAE(**{k: vae.config[k] for k in shared}, additional_in_channels=1)
-    condition_vae.load_state_dict(vae.state_dict(), strict=False)
-    condition_vae.conditional_encoder.load_state_dict(vae.encoder.state_dict(), strict=False)
-    with torch.no_grad():
-        for name, parameter in condition_vae.named_parameters():
-            if "skip_conv" in name or "add_conv_in" in name:
-                parameter.copy_(torch.randn(parameter.shape) * 0.1)
-                parameter.add_(parameter.sign() * 0.02)  # no weight exactly 0
-            else:
-                parameter.mul_(1 + 0.05 * torch.randn(parameter.shape))
-    return condition_vae
+_BOS, _EOS = TINY_VOCAB[-2:]
 
 
 def write_tiny_model_dir(
@@ -181,34 +48,18 @@ def write_tiny_model_dir(
     harmony_vae: bool = False,
     direction: str = "forward",
 ) -> Path:
-    """Write the tiny model directory under `root` and return `root`.
+    """Write the tiny model directory (`bench.random_model`, text encoder and tokenizer
+    included) under `root` and return `root`.
 
     safetensors=False stores every weight file as a pickled `.bin` instead (for the refusal test).
     harmony_vae=True puts DiffHarmony++'s Harmony-VAE (a `ConditionVAE`) in vae/;
     direction="inverse" the inverse model (diffharmony-gen's UNet, cvae-gen's Harmony-VAE).
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    _tokenizer().save_pretrained(root / "tokenizer")  # type: ignore[attr-defined]
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SD_INPAINTING_SCHEDULER, indent=2)
-    )
-    made = _modules(seed)
-    prefix = "inverse_" if direction == "inverse" else ""
-    modules = {
-        "text_encoder": made["text_encoder"],
-        "vae": made[f"{prefix}condition_vae"] if harmony_vae else made["vae"],
-        "unet": made[f"{prefix}unet"],
-        "refiner": made["refiner"],
-    }
-    for name, module in modules.items():
-        module.save_pretrained(root / name)  # type: ignore[operator]
+    write_model_dir(root, "tiny", seed, text="clip", harmony_vae=harmony_vae, direction=direction)
     if not safetensors:
-        _save_torch_bin(modules["text_encoder"], root / "text_encoder" / "pytorch_model.bin")
-        for name in ("vae", "unet", "refiner"):
-            _save_torch_bin(modules[name], root / name / "diffusion_pytorch_model.bin")
-    return root
+        for name in ("text_encoder", "vae", "unet", "refiner"):
+            pickled(Path(root) / name)
+    return Path(root)
 
 
 # --- the formats of real downloads, made from a modern folder ----------------------------------
@@ -471,7 +322,7 @@ def write_official_download(root: Path, seed: int = 0) -> dict[str, Path]:
     shutil.copytree(modern / "unet", stage1)
     shutil.copytree(modern / "refiner", refiner)
     # DiffHarmony++: the Harmony-VAE, and the inverse model ("gen" folders).
-    modules = _modules(seed)
+    modules = random_modules("tiny", seed, text_encoder=False, harmony=True)
     extra = {
         release / "pretrained" / "cvae" / "vae": modules["condition_vae"],
         release / "pretrained" / "diffharmony-gen" / "unet": modules["inverse_unet"],
@@ -486,45 +337,6 @@ def write_official_download(root: Path, seed: int = 0) -> dict[str, Path]:
 
 
 # --- the harmony classifier (DiffHarmony++'s HumanHarmony selection) ----------------------------
-
-
-def harmony_classifier_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A ResNet-50 with a 2-class fc, random weights that give unsaturated probabilities.
-
-    The architecture is fixed (the official script builds torchvision's resnet50), so unlike
-    the other fixtures this one has the real size (~94 MB in fp32). Batch-norm statistics are
-    measured on random images, smooth and detailed (as training would have set them), so that
-    activations stay in range, and the fc is centred on those images' mean feature and scaled
-    so that the class-1 probability varies between images (about 0.1 to 0.9).
-    """
-    import torch.nn.functional as F
-
-    from pipeline.models.classifier import IMAGENET_MEAN, IMAGENET_STD, ResNet50
-
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ResNet50(num_classes=2)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.momentum = None  # cumulative average over the calibration batches
-        # Smooth and detailed images alike: photos and noisy test images stay in range.
-        images = torch.cat(
-            [F.interpolate(torch.rand(2, 3, n, n), size=256, mode="bilinear") for n in (8, 64)]
-        )
-        images = (images - mean) / std
-        with torch.no_grad():
-            model.train()(images)
-            model.eval()
-            features = model.avgpool(
-                model.layer4(model.layer3(model.layer2(model.layer1(
-                    model.maxpool(model.relu(model.bn1(model.conv1(images))))
-                ))))
-            ).flatten(1)  # fmt: skip
-            model.fc.weight.mul_(8.0)
-            model.fc.bias.copy_(-model.fc.weight @ features.mean(0))
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def write_harmony_classifier(folder: Path, seed: int = 0) -> Path:

@@ -4,31 +4,26 @@ Enters: three downloads, as local paths or fsspec URIs (s3://, gs://, file://, .
 - `inpainting`: a Stable Diffusion inpainting folder; its tokenizer/, text_encoder/ and
   scheduler/ are taken (its own unet/ and vae/ are not);
 - `vae`: the sd-vae-ft-mse folder (config.json + weights), when the Harmony-VAE is not taken;
-- `diffharmony`: the extracted DiffHarmony release, searched at any depth: the stage-1 UNet is the
-  folder whose config.json says UNet2DConditionModel with in_channels 9, the refiner the one that
-  says UNet2DCustom, DiffHarmony++'s Harmony-VAE the one that says ConditionVAE (`unet` /
-  `refiner` / `harmony_vae` name a folder instead, when the release holds several). The release
-  holds the inverse model beside the forward one (the official "diffharmony-gen" and
-  "cvae-gen"): a folder whose path has a `gen` word (`diffharmony-gen`, `cvae_gen`) belongs to
-  the inverse model, taken with `direction="inverse"`, any other to the forward model. The
-  Harmony-VAE goes in vae/ when the release has one, unless `plain_vae` asks for `vae`;
+- `diffharmony`: the extracted DiffHarmony release, searched at any depth for the stage-1 UNet,
+  the refiner and DiffHarmony++'s Harmony-VAE (`unet` / `refiner` / `harmony_vae` name a
+  folder instead, when the release holds several; `downloads.py` says how they are
+  recognised). `direction="inverse"` takes the inverse model's UNet and Harmony-VAE (the
+  release's diffharmony-gen, cvae-gen) instead of the forward model's. The Harmony-VAE goes in
+  vae/ when the release has one, unless `plain_vae` asks for `vae`;
 and `out`, where the model directory goes (absent or empty).
-Leaves: at `out`, the layout `pipeline.models.loading` reads, with safetensors only (pickles
+Leaves: at `out`, the layout `pipeline.models.components` loads, with safetensors only (pickles
 converted tensor for tensor, only when allowed), `empty_prompt_embeds.safetensors`, and
 MODEL_CARD.md (sources, sha256 of every file, licence note), judged by `check_model_dir` before
 it is published; an `AssembleReport` saying what was taken from where. Any problem raises
 `AssembleError` listing them all (an ambiguity with its candidates), and nothing is published.
 
-Only the files the loader will read are copied: of a component folder, config.json and the
-weights `choose_weights` picks (a download may hold fp32, fp16 and pickled copies side by side).
+Only the files the loader will read are copied (`downloads.py` picks them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import posixpath
-import re
 import shutil
 import tempfile
 import uuid
@@ -40,37 +35,39 @@ from typing import Any
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.models.condition_vae import CONDITION_VAE_CLASS_NAME
-from pipeline.models.loading import (
-    DIFFUSERS,
+from pipeline.models.cache import file_checksums, list_tree
+from pipeline.models.check import check_model_dir
+from pipeline.models.components import save_empty_prompt_embeds
+from pipeline.models.downloads import (
+    AssembleError,
+    Download,
+    Part,
+    inpainting_parts,
+    release_parts,
+    require_class,
+    weights_part,
+)
+from pipeline.models.layout import (
+    CONDITION_VAE_CLASS_NAME,
     EMPTY_PROMPT_EMBEDS,
     REFINER,
     SCHEDULER,
     TEXT_ENCODER,
     TOKENIZER,
-    TRANSFORMERS,
     UNET,
-    UNET_IN_CHANNELS,
     VAE,
-    ModelDirError,
-    WeightsChoice,
-    check_model_dir,
-    choose_weights,
     describe_error,
-    file_checksums,
+)
+from pipeline.models.weights import (
+    DIFFUSERS,
+    TRANSFORMERS,
     library_weight_names,
-    list_tree,
-    save_empty_prompt_embeds,
     shard_names,
     with_variant,
 )
-from pipeline.models.refiner import OFFICIAL_CLASS_NAME
 from pipeline.storage import filesystem, join
 
 MODEL_CARD = "MODEL_CARD.md"
-STAGE1_CLASS_NAME = "UNet2DConditionModel"
-# A path word that marks the inverse model's folders (the release's diffharmony-gen, cvae-gen).
-_INVERSE_WORD = re.compile(r"(^|[-_])gen($|[-_])", re.IGNORECASE)
 LICENCE_NOTE = (
     "The DiffHarmony weights are published by their authors (Zhou, Feng, Wang: DiffHarmony: "
     "Latent Diffusion Model Meets Image Harmonization, ICMR 2024; github.com/nicecv/DiffHarmony). "
@@ -81,24 +78,6 @@ LICENCE_NOTE = (
 
 
 EMBEDS_SOURCE = "the empty prompt's CLIP embedding, from tokenizer/ + text_encoder/ on CPU in fp32"
-
-
-class AssembleError(ValueError):
-    """The downloads cannot be assembled as given; the message lists every reason."""
-
-
-@dataclass(frozen=True)
-class Part:
-    """One folder of the model directory and the download folder it comes from."""
-
-    name: str  # tokenizer, text_encoder, scheduler, vae, unet, refiner
-    source: str  # URI of the source folder
-    files: tuple[str, ...]  # what is taken from it
-    weights: WeightsChoice | None = None
-
-    @property
-    def converts(self) -> bool:
-        return self.weights is not None and not self.weights.safetensors
 
 
 @dataclass
@@ -123,223 +102,6 @@ class AssembleReport:
         lines.append(f"{EMPTY_PROMPT_EMBEDS}: {EMBEDS_SOURCE}")
         lines += [f"note: {note}" for note in self.notes]
         return lines
-
-
-class _Tree:
-    """A download as fsspec sees it: its files by path relative to its root."""
-
-    def __init__(self, uri: str, storage_options: dict[str, Any], what: str) -> None:
-        self.uri = uri.rstrip("/")
-        self.fs, self.root = filesystem(self.uri, storage_options)
-        try:
-            self.files = list_tree(self.fs, self.root)
-        except Exception as error:
-            raise AssembleError(f"{what} {uri}: cannot list it ({error})") from error
-        if not self.files:
-            raise AssembleError(f"{what} {uri}: no files there")
-
-    def path(self, rel: str) -> str:
-        return join(self.root, rel) if rel else self.root
-
-    def uri_of(self, rel: str) -> str:
-        return join(self.uri, rel) if rel else self.uri
-
-    def names_in(self, folder: str) -> set[str]:
-        prefix = f"{folder}/" if folder else ""
-        return {
-            rel[len(prefix) :]
-            for rel in self.files
-            if rel.startswith(prefix) and "/" not in rel[len(prefix) :]
-        }
-
-    def read_json(self, rel: str) -> Any:
-        try:
-            return json.loads(self.fs.cat_file(self.path(rel)))
-        except (OSError, ValueError) as error:
-            raise AssembleError(f"{self.uri_of(rel)}: unreadable ({error})") from error
-
-    def get(self, rel: str, local: Path) -> None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get_file(self.path(rel), str(local))
-
-
-def _weights_part(
-    tree: _Tree, folder: str, name: str, library: str, allow_unsafe_pickle: bool
-) -> Part:
-    """config.json and the weights the loader would pick, of one component folder."""
-    names = tree.names_in(folder)
-    where = tree.uri_of(folder)
-    if "config.json" not in names:
-        raise AssembleError(f"{where}: no config.json (expected the {name} folder)")
-    try:
-        choice = choose_weights(names, library, where, allow_unsafe_pickle=allow_unsafe_pickle)
-    except ModelDirError as error:
-        raise AssembleError(str(error)) from error
-    files = [choice.entry]
-    if choice.sharded:
-        index = tree.read_json(posixpath.join(folder, choice.entry))
-        try:
-            files += shard_names(json.dumps(index))
-        except (KeyError, TypeError, AttributeError) as error:
-            raise AssembleError(f"{where}/{choice.entry}: not a shard index ({error})") from error
-    return Part(name, where, ("config.json", *files), choice)
-
-
-def _inpainting_parts(tree: _Tree, allow_unsafe_pickle: bool) -> list[Part]:
-    tokenizer = sorted(tree.names_in(TOKENIZER))
-    if not tokenizer:
-        raise AssembleError(
-            f"--inpainting {tree.uri}: no {TOKENIZER}/ (expected a Stable Diffusion inpainting "
-            "folder: tokenizer/, text_encoder/, scheduler/)"
-        )
-    if "scheduler_config.json" not in tree.names_in(SCHEDULER):
-        raise AssembleError(f"--inpainting {tree.uri}: no {SCHEDULER}/scheduler_config.json")
-    return [
-        Part(TOKENIZER, tree.uri_of(TOKENIZER), tuple(tokenizer)),
-        _weights_part(tree, TEXT_ENCODER, TEXT_ENCODER, TRANSFORMERS, allow_unsafe_pickle),
-        Part(SCHEDULER, tree.uri_of(SCHEDULER), ("scheduler_config.json",)),
-    ]
-
-
-@dataclass(frozen=True)
-class _Config:
-    folder: str  # relative to the release's root
-    class_name: Any
-    in_channels: Any
-
-    def describe(self) -> str:
-        return f"{self.folder or '.'} ({self.class_name}, in_channels {self.in_channels})"
-
-
-def _survey(tree: _Tree) -> list[_Config]:
-    """Every model folder of the release: those with a readable config.json."""
-    found = []
-    for rel in sorted(tree.files):
-        if posixpath.basename(rel) != "config.json":
-            continue
-        try:
-            config = tree.read_json(rel)
-        except AssembleError:  # not a model folder's config; the search goes on
-            continue
-        if isinstance(config, dict):
-            found.append(
-                _Config(
-                    posixpath.dirname(rel), config.get("_class_name"), config.get("in_channels")
-                )
-            )
-    return found
-
-
-def _pick(configs: list[_Config], wanted: str, what: str, option: str, uri: str) -> _Config:
-    """The one folder that is `what`, or an error listing the candidates."""
-    if len(configs) == 1:
-        return configs[0]
-    if not configs:
-        raise AssembleError(
-            f"--diffharmony {uri}: no {what} ({wanted}); name its folder with {option}"
-        )
-    candidates = ", ".join(c.describe() for c in configs)
-    raise AssembleError(
-        f"--diffharmony {uri}: {len(configs)} candidates for the {what} ({wanted}): {candidates}; "
-        f"choose one with {option} URI"
-    )
-
-
-def is_inverse_folder(folder: str) -> bool:
-    """Whether a release folder belongs to the inverse model: a `gen` word in its path."""
-    return any(_INVERSE_WORD.search(part) for part in folder.split("/"))
-
-
-def _release_parts(
-    release: _Tree | None,
-    unet: _Tree | None,
-    refiner: _Tree | None,
-    harmony_vae: _Tree | None,
-    *,
-    direction: str,
-    plain_vae: bool,
-    allow_unsafe_pickle: bool,
-) -> tuple[list[Part], list[str]]:
-    """The stage-1 UNet, the refiner and the Harmony-VAE: named, or found in the release (the
-    UNet and Harmony-VAE of `direction`'s model); plus notes. No Harmony-VAE part when the
-    release has none (or `plain_vae`): vae/ then comes from --vae."""
-    notes: list[str] = []
-    configs = _survey(release) if release is not None else []
-    inverse = direction == "inverse"
-    own = [c for c in configs if is_inverse_folder(c.folder) == inverse]
-    model = "inverse model's (a 'gen' folder)" if inverse else "forward model's"
-    parts: list[Part] = []
-    problems: list[str] = []
-    harmony_vaes = [c for c in own if c.class_name == CONDITION_VAE_CLASS_NAME]
-    searches = [
-        (
-            UNET,
-            unet,
-            "--unet",
-            f"{model} stage-1 UNet",
-            f"a config.json saying {STAGE1_CLASS_NAME} with in_channels {UNET_IN_CHANNELS}",
-            [
-                c
-                for c in own
-                if c.class_name == STAGE1_CLASS_NAME and c.in_channels == UNET_IN_CHANNELS
-            ],
-        ),
-        (
-            REFINER,
-            refiner,
-            "--refiner",
-            "refiner",
-            f"a config.json saying {OFFICIAL_CLASS_NAME}",
-            [c for c in configs if c.class_name == OFFICIAL_CLASS_NAME],
-        ),
-    ]
-    if plain_vae:
-        for config in harmony_vaes:
-            notes.append(
-                f"{release.uri_of(config.folder) if release else config.folder}: a "
-                f"{CONDITION_VAE_CLASS_NAME} (DiffHarmony++ Harmony-VAE), not used: "
-                "--plain-vae decodes with --vae's AutoencoderKL"
-            )
-    elif harmony_vae is not None or harmony_vaes:
-        searches.append(
-            (
-                VAE,
-                harmony_vae,
-                "--harmony-vae",
-                f"{model} Harmony-VAE",
-                f"a config.json saying {CONDITION_VAE_CLASS_NAME}",
-                harmony_vaes,
-            )
-        )
-    for name, named, option, what, wanted, candidates in searches:
-        try:
-            if named is not None:
-                parts.append(_weights_part(named, "", name, DIFFUSERS, allow_unsafe_pickle))
-            elif release is None:
-                problems.append(f"no --diffharmony: name the {what} with {option}")
-            else:
-                found = _pick(candidates, wanted, what, option, release.uri)
-                parts.append(
-                    _weights_part(release, found.folder, name, DIFFUSERS, allow_unsafe_pickle)
-                )
-        except AssembleError as error:
-            problems.append(str(error))
-    if problems:
-        raise AssembleError("\n".join(problems))
-    return parts, notes
-
-
-def _require_class(part: Part, class_name: str, option: str, options: dict[str, Any]) -> None:
-    """A named folder must hold the class its option asks for."""
-    fs, root = filesystem(part.source, options)
-    try:
-        found = json.loads(fs.cat_file(join(root, "config.json"))).get("_class_name")
-    except (OSError, ValueError, AttributeError) as error:
-        raise AssembleError(f"{part.source}/config.json: unreadable ({error})") from error
-    if found != class_name:
-        raise AssembleError(
-            f"{option} {part.source}: config.json says {found!r}, expected {class_name!r}"
-        )
 
 
 def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -502,7 +264,7 @@ def assemble(
 
     def text_side() -> None:
         parts.extend(
-            _inpainting_parts(_Tree(inpainting, options, "--inpainting"), allow_unsafe_pickle)
+            inpainting_parts(Download(inpainting, options, "--inpainting"), allow_unsafe_pickle)
         )
 
     def vae_part() -> None:
@@ -517,18 +279,18 @@ def assemble(
                 "--vae: the sd-vae-ft-mse folder is needed (the release holds no Harmony-VAE "
                 "for this model, or --plain-vae asks for it)"
             )
-        tree = _Tree(vae, options, "--vae")
+        tree = Download(vae, options, "--vae")
         config = tree.read_json("config.json") if "config.json" in tree.files else {}
         if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
             raise AssembleError(
                 f"--vae {vae}: config.json says {config.get('_class_name')!r}, expected "
                 "'AutoencoderKL' (the sd-vae-ft-mse folder)"
             )
-        parts.append(_weights_part(tree, "", VAE, DIFFUSERS, allow_unsafe_pickle))
+        parts.append(weights_part(tree, "", VAE, DIFFUSERS, allow_unsafe_pickle))
 
-    def release_parts() -> None:
+    def diffharmony_parts() -> None:
         trees = [
-            _Tree(uri, options, option) if uri else None
+            Download(uri, options, option) if uri else None
             for uri, option in (
                 (diffharmony, "--diffharmony"),
                 (unet, "--unet"),
@@ -536,7 +298,7 @@ def assemble(
                 (harmony_vae, "--harmony-vae"),
             )
         ]
-        found, found_notes = _release_parts(
+        found, found_notes = release_parts(
             *trees,
             direction=direction,
             plain_vae=plain_vae,
@@ -544,11 +306,12 @@ def assemble(
         )
         for part in found:
             if part.name == VAE:
-                _require_class(part, CONDITION_VAE_CLASS_NAME, "--harmony-vae", options)
+                require_class(part, CONDITION_VAE_CLASS_NAME, "--harmony-vae", options)
         parts.extend(found)
         notes.extend(found_notes)
 
-    for step in (text_side, release_parts, vae_part):
+    # The release first: whether it holds a Harmony-VAE decides whether --vae is needed.
+    for step in (text_side, diffharmony_parts, vae_part):
         gather(step)
     if problems:
         raise AssembleError("\n".join(problems))

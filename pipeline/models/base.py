@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +68,15 @@ class Harmonizer(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = device if device is not None else resolve_device(config.device)
+
+    @classmethod
+    def load(cls, config: ModelConfig, storage_options: dict[str, Any] | None = None) -> Harmonizer:
+        """The harmonizer `config` describes, with whatever it reads loaded (`load_harmonizer`
+        calls this); models without weights need nothing but the config."""
+        return cls(config)
 
     @property
     @abstractmethod

@@ -29,15 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.loading import (
-    MANIFEST,
-    ModelDirError,
-    UnsafePickleError,
-    describe_error,
-    is_remote,
-    read_manifest,
-    resolve_model_dir,
-)
+from pipeline.models.cache import MANIFEST, is_remote, read_manifest, resolve_model_dir
+from pipeline.models.layout import ModelDirError, UnsafePickleError, describe_error
 
 # The official script's input: 256 x 256, ImageNet statistics.
 INPUT_SIZE = 256

@@ -41,8 +41,8 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-# The class name the release's vae/config.json carries; the loader picks this class by it.
-CONDITION_VAE_CLASS_NAME = "ConditionVAE"
+# diffusers writes the class's own name as config.json's `_class_name`: "ConditionVAE", as the
+# release's (`layout.CONDITION_VAE_CLASS_NAME`), which is how the loader picks this class.
 
 
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:

@@ -38,39 +38,32 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.config import ModelConfig
 from pipeline.imaging import binarize, resize, resize_each
-from pipeline.models.base import HarmonizeBatch, Harmonizer, fingerprint_of, resolve_dtype
-from pipeline.models.condition_vae import CONDITION_VAE_CLASS_NAME, ConditionVAE
-from pipeline.models.loading import ModelDirError, load_components
+from pipeline.models.base import (
+    HarmonizeBatch,
+    Harmonizer,
+    fingerprint_of,
+    resolve_device,
+    resolve_dtype,
+)
+from pipeline.models.components import DiffHarmonyComponents, load_components
+from pipeline.models.condition_vae import ConditionVAE
+from pipeline.models.layout import CONDITION_VAE_CLASS_NAME
 
 FINGERPRINT_VERSION = "diffharmony-v1"
 
 
 class DiffHarmonyHarmonizer(Harmonizer):
+    """The two stages around injected components, as a diffusers pipeline is built: the
+    constructor takes the modules as they are (their device and dtype are the harmonizer's) and
+    reads nothing; `from_model_dir` loads a model directory and calls it."""
+
     name = "diffharmony"
 
-    def __init__(self, config: ModelConfig, storage_options: dict[str, Any] | None = None) -> None:
-        super().__init__(config)
-        if not config.model_dir:
-            raise ModelDirError("diffharmony needs a model directory (--model-dir)")
-        if config.resolution <= 0 or config.resolution % 8 != 0:
-            raise ValueError(
-                f"resolution must be a positive multiple of 8, got {config.resolution}"
-            )
-        if config.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {config.steps}")
-        if config.output_resolution < 8:
-            raise ValueError(f"output_resolution too small: {config.output_resolution}")
-        self.dtype = resolve_dtype(config.dtype, self.device)
-
-        components = load_components(
-            config.model_dir,
-            device=self.device,
-            dtype=self.dtype,
-            load_refiner=config.refine,
-            allow_unsafe_pickle=config.allow_unsafe_pickle,
-            cache_dir=config.cache_dir,
-            storage_options=storage_options,
-        )
+    def __init__(self, components: DiffHarmonyComponents, config: ModelConfig) -> None:
+        super().__init__(config, device=components.unet.device)
+        if config.refine and components.refiner is None:
+            raise ValueError("refine is on but the components hold no refiner")
+        self.dtype = components.unet.dtype
         self.unet = components.unet
         self.vae = components.vae
         self.scheduler = components.scheduler
@@ -103,6 +96,31 @@ class DiffHarmonyHarmonizer(Harmonizer):
             json.dumps(components.configs, sort_keys=True, default=str),
             json.dumps(settings, sort_keys=True),
         )
+
+    @classmethod
+    def from_model_dir(
+        cls, config: ModelConfig, storage_options: dict[str, Any] | None = None
+    ) -> DiffHarmonyHarmonizer:
+        """Load `config.model_dir` (a path or URI, copied once per node) on `config.device` in
+        `config.dtype`; the refiner only when `config.refine`."""
+        assert config.model_dir  # ModelConfig requires one for this model
+        device = resolve_device(config.device)
+        components = load_components(
+            config.model_dir,
+            device=device,
+            dtype=resolve_dtype(config.dtype, device),
+            load_refiner=config.refine,
+            allow_unsafe_pickle=config.allow_unsafe_pickle,
+            cache_dir=config.cache_dir,
+            storage_options=storage_options,
+        )
+        return cls(components, config)
+
+    @classmethod
+    def load(
+        cls, config: ModelConfig, storage_options: dict[str, Any] | None = None
+    ) -> DiffHarmonyHarmonizer:
+        return cls.from_model_dir(config, storage_options)
 
     @property
     def fingerprint(self) -> str:

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.demo import OBJECTS, load_photo, object_mask
-from pipeline.layout import LayoutRules
+from pipeline.compose.layout import LayoutRules
+from pipeline.datasets.demo import OBJECTS, load_photo, object_mask
 from pipeline.storage import join, write_atomic
 
 # The recipe's placement (README "Copy-paste augmentation"): two composites per photo, one or

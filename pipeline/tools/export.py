@@ -30,7 +30,7 @@ from PIL import Image
 
 from pipeline.coco import encode_mask
 from pipeline.decode import upright
-from pipeline.query import QueryError, connect
+from pipeline.results import ResultsError, connect
 from pipeline.storage import absolute, read_bytes, write_atomic
 
 UNNAMED_CATEGORY = "object"
@@ -102,11 +102,11 @@ def export_coco(
     """Write the COCO instances JSON of the samples of `current` that satisfy `where`."""
     options = storage_options or {}
     if not where or not where.strip():
-        raise QueryError('--where is empty: give a condition, e.g. "bg_psnr > 35" (or "true")')
+        raise ResultsError('--where is empty: give a condition, e.g. "bg_psnr > 35" (or "true")')
     results = connect(results_uri, options, params_hash)
     missing = [c for c in _NEEDED if c not in results.columns]
     if missing:
-        raise QueryError(
+        raise ResultsError(
             f"the results under {results.uri} have no {', '.join(missing)}: export needs "
             "composites made by `harmonize compose` (their manifest carries the instances)"
         )

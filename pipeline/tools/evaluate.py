@@ -1,8 +1,9 @@
 """The official iHarmony4 evaluation table, recomputed from a run's images.
 
 Enters: results Parquet under a URI (a run's output prefix, its `results/` folder or one
-`results/{run_id}/` folder) and storage options. From each row: `output_uri` (or, to score the
-unharmonized baseline, `composite_uri`), `real_uri`, `mask_uri`, `subset`, `status`.
+`results/{run_id}/` folder) and storage options. From each sample's current row
+(`pipeline.results`): `output_uri` (or, to score the unharmonized baseline, `composite_uri`),
+`real_uri`, `mask_uri`, `subset`; the samples with error rows only are listed as not scored.
 Leaves: an `Evaluation`: per-image MSE / PSNR / fMSE / bMSE and foreground ratio, their means
 per subset and over all images, per foreground-ratio bucket, the samples not scored and why;
 as text (`text()`) or JSON (`summary()`).
@@ -23,9 +24,10 @@ is the official one to the last digit; the pipeline's per-sample columns resize 
 function, so for lossless outputs (PNG, WebP lossless) a row's `mse`/`fmse`/`bmse`/`psnr`
 equal its line here.
 Departures: images are decoded by the pipeline's rules (`decode.py`: each file's own EXIF
-orientation, the mask rule; files without an orientation tag and 0/255 masks are unaffected); a
-metric that is undefined for an image (fMSE when the mask vanishes at 256 px) is left out of
-that metric's mean and counted, where the official script's mean would become NaN.
+orientation, the mask rule, the pixel limit; files without an orientation tag and 0/255 masks
+are unaffected); a metric that is undefined for an image (fMSE when the mask vanishes at
+256 px) is left out of that metric's mean and counted, where the official script's mean would
+become NaN.
 
 Images are fetched and resized in threads, a bounded number at a time, and scored in torch
 batches, so memory does not grow with the number of results.
@@ -43,29 +45,27 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
-from pipeline.decode import to_mask, to_rgb, upright
+from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.decode import decode_mask, decode_rgb
 from pipeline.imaging import EVAL_SIZE, eval_resize, eval_resize_mask
-from pipeline.run import read_results
+from pipeline.results import ResultsError, connect
 from pipeline.score import mse, psnr, region_mse
-from pipeline.storage import absolute, read_bytes, results_location, write_atomic
+from pipeline.storage import absolute, read_bytes, write_atomic
 
 METRICS = ("mse", "psnr", "fmse", "bmse")
 # (label, low, high): low <= ratio < high, as the official script buckets them.
 BUCKETS = (("0-5%", 0.0, 0.05), ("5-15%", 0.05, 0.15), ("15-100%", 0.15, 1.0))
 # The published tables' order; other subsets follow alphabetically.
 SUBSET_ORDER = ("HCOCO", "HAdobe5k", "HFlickr", "Hday2night")
-_COLUMNS = ["sample_id", "status", "error", "output_uri", "composite_uri", "real_uri",
-            "mask_uri", "subset", "params_hash", "model", "created_at"]  # fmt: skip
 _SHOWN = 10
 
 
-class EvaluationError(ValueError):
-    """The results cannot be evaluated as asked (none found, several parameter sets)."""
+class EvaluationError(ResultsError):
+    """The results cannot be evaluated as asked (no ground-truth columns, an unknown kind of
+    score); like every `ResultsError` (none found, several parameter sets)."""
 
 
 @dataclass(frozen=True)
@@ -213,22 +213,24 @@ def _row(name: str, score: GroupScore) -> str:
 # --- images ---------------------------------------------------------------------------------
 
 
-def _decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
 def load_eval_images(
-    image_uri: str, real_uri: str, mask_uri: str, storage_options: dict[str, Any]
+    image_uri: str,
+    real_uri: str,
+    mask_uri: str,
+    storage_options: dict[str, Any],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sample at the evaluation scale: image and real (256, 256, 3) uint8, mask (256, 256)
-    uint8 in {0, 1}, resampled as the official script does."""
+    uint8 in {0, 1}, resampled as the official script does. Images over `max_pixels` are
+    refused from their header."""
     arrays: dict[str, np.ndarray] = {}
     for what, uri in (("image", image_uri), ("real", real_uri), ("mask", mask_uri)):
         try:
-            image = upright(_decode(read_bytes(uri, storage_options)))
-            arrays[what] = to_mask(image) if what == "mask" else to_rgb(image, what)
+            data = read_bytes(uri, storage_options)
+            if what == "mask":
+                arrays[what] = decode_mask(data, what, max_pixels)
+            else:
+                arrays[what] = decode_rgb(data, what, max_pixels)
         except FileNotFoundError:
             raise ValueError(f"{what} not found: {uri}") from None
         except Exception as exc:
@@ -240,7 +242,7 @@ def load_eval_images(
     )
 
 
-def score_batch(
+def table_metrics(
     images: np.ndarray, reals: np.ndarray, masks: np.ndarray, use_gt_bg: bool = False
 ) -> dict[str, torch.Tensor]:
     """(B, 256, 256, 3) uint8 images and reals, (B, 256, 256) {0, 1} masks -> (B,) metrics."""
@@ -258,65 +260,7 @@ def score_batch(
     }
 
 
-# --- results --------------------------------------------------------------------------------
-
-
-def _results_table(results_uri: str, storage_options: dict[str, Any]) -> tuple[str, pa.Table]:
-    uri = results_location(results_uri, storage_options)
-    table = read_results(uri, storage_options, _COLUMNS)
-    if table is None or table.num_rows == 0:
-        raise EvaluationError(f"no results Parquet under {results_uri}")
-    missing = {"sample_id", "status", "real_uri", "mask_uri"} - set(table.column_names)
-    if missing:
-        raise EvaluationError(f"{uri} holds Parquet without results column(s) {sorted(missing)}")
-    return uri, table
-
-
-def select_rows(
-    table: pa.Table, params_hash: str | None
-) -> tuple[list[dict[str, Any]], list[tuple[str, str]], str | None, str | None]:
-    """One row per sample: the latest ok row of one parameter set.
-
-    Returns (ok rows, samples with no ok row and their last error, params_hash, model).
-    """
-    if "params_hash" in table.column_names:
-        hashes = pc.unique(table["params_hash"].drop_null()).to_pylist()
-        if params_hash is not None:
-            if params_hash not in hashes:
-                raise EvaluationError(
-                    f"no results with params_hash {params_hash!r} (present: {', '.join(hashes)})"
-                )
-            table = table.filter(pc.equal(table["params_hash"], params_hash))
-        elif len(hashes) > 1:
-            keys = [c for c in ("params_hash", "model") if c in table.column_names]
-            runs = table.group_by(keys).aggregate([("sample_id", "count")])
-            listed = "; ".join(
-                f"{r['params_hash']} ({r.get('model')}, {r['sample_id_count']} rows)"
-                for r in runs.to_pylist()
-            )
-            raise EvaluationError(
-                f"the results hold {len(hashes)} parameter sets: {listed}. Pick one with "
-                "--params-hash, or point --results at one run's results/{run_id} folder"
-            )
-        elif hashes:
-            params_hash = hashes[0]
-    models = (
-        pc.unique(table["model"].drop_null()).to_pylist() if "model" in table.column_names else []
-    )
-    if "created_at" in table.column_names:
-        table = table.sort_by([("created_at", "descending")])
-    rows = table.to_pylist()
-    latest_ok: dict[str, dict[str, Any]] = {}
-    last_error: dict[str, str] = {}
-    for row in rows:  # newest first
-        sample_id = row["sample_id"]
-        if row["status"] == "ok":
-            latest_ok.setdefault(sample_id, row)
-        else:
-            last_error.setdefault(sample_id, row.get("error") or "status error")
-    failed = [(i, f"no ok result: {e}") for i, e in last_error.items() if i not in latest_ok]
-    ok = sorted(latest_ok.values(), key=lambda row: row["sample_id"])
-    return ok, sorted(failed), params_hash, ", ".join(models) or None
+# --- rows -----------------------------------------------------------------------------------
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -333,18 +277,29 @@ def evaluate(
     score: str = "output",
     batch_size: int = 64,
     workers: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Evaluation:
     """Score every sample of the results the way the official iHarmony4 script does.
 
     score: "output" (the harmonized images) or "composite" (the unharmonized baseline).
+    An image over `max_pixels` is not scored (refused from its header, as a run refuses it).
     """
     if score not in ("output", "composite"):
         raise EvaluationError(f"score must be 'output' or 'composite', not {score!r}")
     options = storage_options or {}
-    uri, table = _results_table(results_uri, options)
-    ok, not_scored, params_hash, model = select_rows(table, params_hash)
-
+    results = connect(results_uri, options, params_hash)
     image_column = f"{score}_uri"
+    missing = {"real_uri", "mask_uri", image_column} - set(results.columns)
+    if missing:
+        raise EvaluationError(
+            f"{results.uri} holds Parquet without results column(s) {sorted(missing)}"
+        )
+    subset = "subset" if "subset" in results.columns else "NULL AS subset"
+    ok = results.query(
+        f"SELECT sample_id, {image_column}, real_uri, mask_uri, {subset} FROM current "
+        "ORDER BY sample_id"
+    ).to_pylist()
+    not_scored = [(sample_id, f"no ok result: {error}") for sample_id, error in results.failed()]
     todo = []
     for row in ok:
         if not row.get("real_uri"):
@@ -360,7 +315,9 @@ def evaluate(
 
     def load(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
         try:
-            return load_eval_images(row[image_column], row["real_uri"], row["mask_uri"], options)
+            return load_eval_images(
+                row[image_column], row["real_uri"], row["mask_uri"], options, max_pixels
+            )
         except ValueError as exc:
             return str(exc)
 
@@ -384,7 +341,7 @@ def evaluate(
             )
             if not good:
                 continue
-            metrics = score_batch(
+            metrics = table_metrics(
                 np.stack([a[0] for _, a in good]),
                 np.stack([a[1] for _, a in good]),
                 np.stack([a[2] for _, a in good]),
@@ -402,11 +359,11 @@ def evaluate(
         + [(name, pa.float64()) for name in (*METRICS, "fg_ratio")]
     )
     return Evaluation(
-        results_uri=uri,
+        results_uri=results.uri,
         scored=score,
         use_gt_bg=use_gt_bg,
-        params_hash=params_hash,
-        model=model,
+        params_hash=results.params_hash,
+        model=results.model,
         per_image=pa.table(per_image, schema=schema),
         not_scored=not_scored,
     )

@@ -1,0 +1,40 @@
+"""The `harmonize` application: its command groups, how a command fails, and the entry point.
+
+Enters: command-line arguments (`main`), or a command's error (`fail`).
+Leaves: the Typer apps the command modules register on (`app`, `model_app`, `manifest_app`);
+an error as one red line and an exit code, never a traceback for what a user can fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import typer
+
+app = typer.Typer(
+    help="Harmonize composite images at scale: manifests on object storage in, harmonized "
+    "images and scored results Parquet out, on a Ray cluster or this machine.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+model_app = typer.Typer(
+    help="Build and inspect DiffHarmony model directories.", no_args_is_help=True
+)
+app.add_typer(model_app, name="model")
+manifest_app = typer.Typer(
+    help="Build a manifest: from the iHarmony4 layout, or any folder with a naming rule.",
+    no_args_is_help=True,
+)
+app.add_typer(manifest_app, name="manifest")
+
+
+def fail(exc: Exception | str, code: int) -> NoReturn:
+    """A user's mistake or a missing input: one red line, no traceback, exit `code`."""
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code) from None
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()

@@ -1,0 +1,1 @@
+"""Dataset builders: manifests of iHarmony4 and of any folder, and the bundled demo dataset."""

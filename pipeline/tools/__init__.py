@@ -1,0 +1,2 @@
+"""After-run tools over a results dataset (read through `pipeline.results`): select, stats,
+report, evaluate."""
