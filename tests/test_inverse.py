@@ -229,6 +229,18 @@ def test_generate_select_harmonize_evaluate(
         assert row["composite_uri"] == best["output_uri"] and row["real_uri"] == best["real_uri"]
         assert row["metric_unharmony_prob"] == best["unharmony_prob"]
     assert {r["generated_from"] for r in picked} == {s for s, _ in variants}
+    # The mildest variant of each real among those that changed the object enough.
+    mild = tmp_path / "mild.parquet"
+    _invoke("select", "--results", str(generated), "--where", "fg_delta_e > 1",
+            "--per-source-min", "fmse", "--out", str(mild))  # fmt: skip
+    kept = [r for r in current if r["fg_delta_e"] > 1]
+    for row in pq.read_table(mild).to_pylist():
+        candidates = [r for r in kept if r["source_sample_id"] == row["generated_from"]]
+        mildest = min(candidates, key=lambda r: (r["fmse"], r["sample_id"]))
+        assert row["sample_id"] == mildest["sample_id"]
+    unknown = runner.invoke(app, ["select", "--results", str(generated), "--per-source-max",
+                                  "sharpness", "--out", str(tmp_path / "x.parquet")])  # fmt: skip
+    assert unknown.exit_code == 2 and "per source: 'max' or 'min' of a metric" in unknown.output
 
     # Harmonize the generated composites forward, score them, evaluate against the reals.
     harmonized = tmp_path / "harmonized"
