@@ -63,6 +63,26 @@ def test_same_keys_and_outputs_as_torchvision_resnet50(state: dict[str, torch.Te
         torch.testing.assert_close(ours.eval()(x), reference.eval()(x), atol=1e-5, rtol=0)
 
 
+# torchvision 0.29.1's `resnet50()` with `fc = Linear(2048, 2)` (torch 2.14.1, CPU, fp32), the
+# state of `harmony_classifier_state(seed=0)` loaded strictly, on `_normalized(2, 1)`: recorded
+# once in a throwaway venv, since torchvision does not import here. Ours gave the same bits.
+TORCHVISION_LOGITS = [
+    [-0.6723637580871582, 0.6149120330810547],
+    [-1.3861908912658691, -0.0030584335327148438],
+]
+
+
+def test_same_outputs_as_torchvision_recorded(state: dict[str, torch.Tensor]) -> None:
+    """torchvision's own logits for these weights and inputs, recorded (see above)."""
+    ours = ResNet50(num_classes=2).eval()
+    ours.load_state_dict(state, strict=True)
+    with torch.inference_mode():
+        logits = ours(_normalized(2, 1))
+    expected = torch.tensor(TORCHVISION_LOGITS)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits.softmax(-1), expected.softmax(-1), atol=1e-6, rtol=0)
+
+
 def _to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torchvision's names -> transformers' ResNetForImageClassification names."""
     mapped = {}
