@@ -32,12 +32,9 @@ no scale) makes that composite an error row naming the object or background and 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import time
-import uuid
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,12 +43,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from PIL import Image
-from ray.data import DataContext, Datasink
-from ray.data._internal.execution.interfaces import TaskContext
-from ray.data.block import Block, BlockAccessor
+from ray.data import DataContext
 
 from pipeline.coco import decode_segmentation
 from pipeline.compose.inputs import (
@@ -72,7 +66,6 @@ from pipeline.decode import SampleError, open_image, to_mask, to_rgb, upright
 from pipeline.models.base import sample_seed
 from pipeline.preflight import PreflightError
 from pipeline.storage import (
-    StorageError,
     absolute,
     describe,
     join,
@@ -81,7 +74,7 @@ from pipeline.storage import (
     safe_key,
     write_atomic,
 )
-from pipeline.write import encode
+from pipeline.write import PartFilesSink, encode
 from schemas.compose import (
     COMPOSE_ERROR_SCHEMA,
     COMPOSITE_SCHEMA,
@@ -257,48 +250,25 @@ def compose_batch(batch: pa.Table, config: ComposeConfig, objects: Any) -> pa.Ta
     return pa.Table.from_pylist(rows, schema=_ROW_SCHEMA)
 
 
-class ComposeSink(Datasink[int]):
+class ComposeSink(PartFilesSink):
     """Per write task, atomically: the ok rows as `manifest/{run_id}/part-{attempt}-{task}`
-    and the error rows as `errors/{run_id}/part-…` (as `write.ResultsSink` names its files:
-    a fresh attempt per execution, a retried task replaces only its own files)."""
+    and the error rows as `errors/{run_id}/part-…` (named as `write.PartFilesSink` names its
+    files: a fresh attempt per execution, a retried task replaces only its own files)."""
 
     def __init__(self, config: ComposeConfig) -> None:
+        super().__init__(config.storage_options, config.rows_per_file)
         self.manifest_dir = join(manifest_dir(config), config.run_id)
         self.errors_dir = join(errors_dir(config), config.run_id)
-        self.storage_options = config.storage_options
-        self.rows_per_file = config.rows_per_file
-        self.attempt = uuid.uuid4().hex[:12]
 
-    @property
-    def file_prefix(self) -> str:
-        return f"part-{self.attempt}-"
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> int:
-        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        tables = [table for table in tables if table.num_rows]
-        if not tables:
-            return 0
-        table = pa.concat_tables(tables)
+    def route(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
         ok = pc.equal(table["status"], "ok")
-        parts = (
-            (self.manifest_dir, table.filter(ok), COMPOSITE_SCHEMA),
-            (self.errors_dir, table.filter(pc.invert(ok)), COMPOSE_ERROR_SCHEMA),
-        )
-        for directory, rows, schema in parts:
-            if not rows.num_rows:
-                continue
-            buffer = io.BytesIO()
-            pq.write_table(rows.select(schema.names).cast(schema), buffer, compression="zstd")
-            uri = join(directory, f"{self.file_prefix}{ctx.task_idx:06d}.parquet")
-            try:
-                write_atomic(uri, buffer.getvalue(), self.storage_options)
-            except OSError as exc:  # dooms the run: say which file and why, in one line
-                raise StorageError(f"cannot write {uri}: {describe(exc)}") from None
-        return table.num_rows
+        return [
+            (directory, rows.select(schema.names).cast(schema))
+            for directory, rows, schema in (
+                (self.manifest_dir, table.filter(ok), COMPOSITE_SCHEMA),
+                (self.errors_dir, table.filter(pc.invert(ok)), COMPOSE_ERROR_SCHEMA),
+            )
+        ]
 
     def get_name(self) -> str:
         return "Composites"
