@@ -109,6 +109,7 @@ def run_command(
 
 def run_and_report(config: RunConfig, verbose: bool = False) -> None:
     """Run, print the summary; a run that cannot start or whose storage fails is one line."""
+    from pipeline.models.layout import ModelDirError
     from pipeline.placement import PlacementError
     from pipeline.preflight import PreflightError, storage_failure
     from pipeline.run import run
@@ -117,7 +118,8 @@ def run_and_report(config: RunConfig, verbose: bool = False) -> None:
     try:
         with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
             summary = run(config)
-    except (ManifestError, PreflightError, PlacementError) as exc:  # found before any work
+    # Found before any work: a bad manifest, storage, placement or model directory.
+    except (ManifestError, PreflightError, PlacementError, ModelDirError) as exc:
         fail(exc, 2)
     except Exception as exc:  # storage failing mid-run (disk full, access revoked): one line
         line = storage_failure(exc)
