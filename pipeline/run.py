@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 
@@ -44,6 +43,7 @@ from pipeline.placement import (
     Placement,
     PlacementError,
     check_paths_reachable,
+    init_ray,
     plan_placement,
 )
 from pipeline.results import done_sample_ids, read_results, run_folder
@@ -55,31 +55,6 @@ log = logging.getLogger(__name__)
 
 # Rows per fetch/write task: enough to overlap object-store latency, small enough to stream.
 IO_BATCH_SIZE = 16
-
-
-def init_ray(config: RunConfig) -> None:
-    """Attach to a running cluster (`ray job submit`, RAY_ADDRESS, `ray start`), else start one.
-
-    Sizing is passed only when starting a local cluster: `ray.init(num_cpus=…)` raises when it
-    connects to an existing one. Local clusters get more logical CPUs than cores, so that the
-    I/O stages and the actor pool cannot deadlock waiting for each other on small machines.
-    """
-    if ray.is_initialized():
-        return
-    if config.ray_address not in (None, "local"):
-        ray.init(address=config.ray_address)
-        return
-    if config.ray_address is None:
-        try:
-            ray.init(address="auto")
-            return
-        except ConnectionError:
-            pass
-    ray.init(
-        address="local",
-        num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-        object_store_memory=config.object_store_memory,
-    )
 
 
 def drop_done(batch: pa.Table, done: ray.ObjectRef) -> pa.Table:

@@ -1,4 +1,4 @@
-"""`harmonize run`, `demo`, `runs` and `schema`: the pipeline's job, and what describes it.
+"""`harmonize run`, `runs` and `schema`: the pipeline's job, and what describes it.
 
 Enters: the run's options (`harmonize run --help`; jobs/harmonize.py passes the same), a demo
 folder, an output prefix.
@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import traceback
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Annotated, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import typer
 
@@ -46,6 +44,7 @@ from pipeline.cli.options import (
     RunIdArg,
     SeedArg,
     StepsArg,
+    VerboseArg,
     checked_config,
     with_storage_options,
 )
@@ -78,9 +77,7 @@ def run_command(
     num_cpus: NumCpusArg = RUN["num_cpus"],
     ray_address: RayAddressArg = RUN["ray_address"],
     results_rows_per_file: RowsPerFileArg = RUN["results_rows_per_file"],
-    verbose: Annotated[
-        bool, typer.Option("--verbose", help="On a failed run, print the whole traceback too.")
-    ] = False,
+    verbose: VerboseArg = False,
     *,
     storage_options: dict[str, Any],
 ) -> None:
@@ -108,16 +105,23 @@ def run_command(
 
 
 def run_and_report(config: RunConfig, verbose: bool = False) -> None:
-    """Run, print the summary; a run that cannot start or whose storage fails is one line."""
+    """Run the pipeline and print its summary (see `run_job`)."""
+    from pipeline.run import run
+
+    run_job(lambda: run(config), verbose)
+
+
+def run_job(job: Callable[[], Any], verbose: bool = False) -> None:
+    """Run a Ray job (`job()` returns a summary with `text()`) and print its summary; a job
+    that cannot start, or whose storage fails, is one line."""
     from pipeline.models.layout import ModelDirError
     from pipeline.placement import PlacementError
     from pipeline.preflight import PreflightError, storage_failure
-    from pipeline.run import run
     from schemas.manifest import ManifestError
 
     try:
         with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
-            summary = run(config)
+            summary = job()
     # Found before any work: a bad manifest, storage, placement or model directory.
     except (ManifestError, PreflightError, PlacementError, ModelDirError) as exc:
         fail(exc, 2)
@@ -153,35 +157,6 @@ def _quiet_ray_data_errors() -> Iterator[None]:
             handler.removeFilter(below_error)
 
 
-@app.command("demo")
-def demo_command(
-    root: Annotated[Path, typer.Option(help="Where to build the demo dataset.")] = Path(
-        "demo_data"
-    ),
-    output: Annotated[Path, typer.Option(help="Where to write the demo run's outputs.")] = Path(
-        "demo_output"
-    ),
-    model: ModelArg = MODEL.name,
-    model_dir: ModelDirArg = MODEL.model_dir,
-    build_only: Annotated[bool, typer.Option(help="Only build the dataset.")] = False,
-) -> None:
-    """Build the bundled demo dataset (scikit-image photos) and harmonize it on local Ray.
-
-    The previous demo output, if any, is replaced.
-    """
-    from pipeline.datasets.demo import build_demo
-
-    with checked_config():
-        model_config = ModelConfig(name=model, model_dir=model_dir)
-    manifest = build_demo(str(root.resolve()))
-    typer.echo(f"demo dataset: {manifest}")
-    if build_only:
-        return
-    if output.exists():  # the demo starts afresh; a re-run would skip every done sample
-        shutil.rmtree(output)
-    run_and_report(RunConfig(manifest=manifest, output=str(output.resolve()), model=model_config))
-
-
 @app.command("runs")
 @with_storage_options
 def runs_command(output: OutputArg, *, storage_options: dict[str, Any]) -> None:
@@ -202,10 +177,21 @@ def runs_command(output: OutputArg, *, storage_options: dict[str, Any]) -> None:
 
 @app.command("schema")
 def schema_command() -> None:
-    """Print the manifest and results schemas with column descriptions."""
+    """Print the manifest and results schemas, and compose's, with column descriptions."""
     from schemas import MANIFEST_SCHEMA, RESULTS_SCHEMA
+    from schemas.compose import (
+        BACKGROUNDS_SCHEMA,
+        COMPOSE_ERROR_SCHEMA,
+        COMPOSITE_SCHEMA,
+        OBJECTS_SCHEMA,
+    )
 
-    for title, schema in (("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA)):
+    for title, schema in (
+        ("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA),
+        ("compose objects", OBJECTS_SCHEMA), ("compose backgrounds", BACKGROUNDS_SCHEMA),
+        ("composite manifest (compose's manifest/)", COMPOSITE_SCHEMA),
+        ("compose errors (compose's errors/)", COMPOSE_ERROR_SCHEMA),
+    ):  # fmt: skip
         typer.echo(f"{title}:")
         for field in schema:
             description = (field.metadata or {}).get(b"description", b"").decode()

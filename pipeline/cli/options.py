@@ -217,6 +217,9 @@ RayAddressArg = Annotated[
         "or starts a local one; 'local' always starts a new local one."
     ),
 ]
+VerboseArg = Annotated[
+    bool, typer.Option("--verbose", help="On a failed run, print the whole traceback too.")
+]
 RowsPerFileArg = Annotated[
     int, typer.Option(help="Rows per results Parquet file (what a crash can cost to redo).")
 ]
