@@ -19,7 +19,10 @@ from pipeline.cli.options import PickleArg, with_storage_options
 @model_app.command("check")
 @with_storage_options
 def model_check_command(
-    model_dir: Annotated[str, typer.Argument(help="Model directory (path or URI).")],
+    model_dir: Annotated[
+        str,
+        typer.Argument(help="Model directory (path or URI; hf://ORG/REPO[@REVISION]/FOLDER)."),
+    ],
     allow_unsafe_pickle: PickleArg = False,
     *,
     storage_options: dict[str, Any],
