@@ -39,6 +39,7 @@ from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, check_device, load_classifier, params_hash
 from pipeline.manifest import Manifest, open_manifest
 from pipeline.models import load_harmonizer
+from pipeline.models.layout import ModelDirError
 from pipeline.placement import (
     ClusterGPUs,
     Placement,
@@ -114,10 +115,11 @@ def probe_params_hash(config: RunConfig, placement: Placement) -> str:
 
     try:
         return ray.get(ray.remote(**placement.actor_options())(probe).remote())
-    except PlacementError as exc:  # Ray re-raises the worker's error as its own subclass
-        raise PlacementError(str(getattr(exc, "cause", exc))) from None
-    except preflight.PreflightError as exc:
-        raise preflight.PreflightError(str(getattr(exc, "cause", exc))) from None
+    except (PlacementError, ModelDirError, preflight.PreflightError) as exc:
+        # Ray re-raises the worker's error as its own subclass, which prints as a traceback;
+        # its cause says it in one line.
+        cause = getattr(exc, "cause", exc)
+        raise type(cause)(str(cause)) from None
 
 
 def build_dataset(
@@ -293,6 +295,8 @@ def run(config: RunConfig) -> RunSummary:
     init_ray(config)
     config, placement = place(config)  # fails here, before any model loads
     start = time.perf_counter()
+    # An unusable model directory (a missing repository or revision, broken weights) fails
+    # here, before any sample is read: `ModelDirError`.
     done = done_sample_ids(
         config.output, config.storage_options, probe_params_hash(config, placement)
     )

@@ -1,7 +1,9 @@
-"""Storage access through fsspec: one way to name and reach local folders, S3, GCS, MinIO.
+"""Storage access through fsspec: one way to name and reach local folders, S3, GCS, MinIO, the
+Hugging Face Hub (model folders).
 
-Enters: URIs (`s3://bucket/key`, `gs://…`, `file:///…`, `/local/path`, `relative/path`) and
-fsspec storage options (endpoint, credentials).
+Enters: URIs (`s3://bucket/key`, `gs://…`, `hf://org/repo@rev/path`, `file:///…`,
+`/local/path`, `relative/path`) and fsspec storage options (endpoint, credentials; not for the
+Hub, which has its own settings).
 Leaves: filesystem objects, resolved URIs, bytes read, files written atomically, and storage
 errors said in one line (`StorageError`, `describe`).
 """
@@ -65,8 +67,14 @@ def describe(exc: BaseException) -> str:
 
 
 def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for `uri` and the path inside it (fsspec caches instances)."""
-    options = dict(storage_options)
+    """The fsspec filesystem for `uri` and the path inside it (fsspec caches instances).
+
+    `hf://` is the Hugging Face Hub (huggingface_hub's `HfFileSystem`), which takes its endpoint
+    and token from huggingface_hub's own settings (`HF_ENDPOINT`, `HF_TOKEN` or the token
+    `hf auth login` saved): the run's storage options describe the object store, and its
+    credentials are not handed to the Hub.
+    """
+    options = {} if is_hub(uri) else dict(storage_options)
     if uri.startswith(("s3://", "s3a://")) and "config_kwargs" not in options:
         options["config_kwargs"] = S3_RETRIES
     fs, path = fsspec.core.url_to_fs(uri, **options)
@@ -101,6 +109,11 @@ def parquet_dataset(
         return None
     factory = pads.FileSystemDatasetFactory(to_pyarrow(fs), files, pads.ParquetFileFormat())
     return factory.finish(factory.inspect(promote_options="permissive", fragments=None))
+
+
+def is_hub(uri: str) -> bool:
+    """A Hugging Face Hub URI: `hf://[datasets/|spaces/]ORG/REPO[@REVISION]/path`."""
+    return uri.startswith("hf://")
 
 
 def has_protocol(uri: str) -> bool:

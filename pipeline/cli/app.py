@@ -37,4 +37,7 @@ def fail(exc: Exception | str, code: int) -> NoReturn:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # huggingface_hub's HTTP client logs every request at INFO (hf:// model folders).
+    for client in ("httpx", "httpx2"):
+        logging.getLogger(client).setLevel(logging.WARNING)
     app()

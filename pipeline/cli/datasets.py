@@ -1,7 +1,8 @@
-"""`harmonize manifest iharmony4` and `harmonize manifest folder`: manifests from datasets.
+"""`harmonize manifest iharmony4 / folder / objects / backgrounds`: manifests from folders.
 
 Enters: a dataset root (path or URI), the naming rule (iHarmony4's own, or patterns), where
-the manifest goes, storage options.
+the manifest goes, storage options. `iharmony4` and `folder` make what `harmonize run` reads;
+`objects` and `backgrounds` what `harmonize compose` reads.
 Leaves: the manifest written and the build's report printed (samples left out, and why); a
 build that cannot be made at all as one line (exit 1).
 """
@@ -82,4 +83,58 @@ def manifest_folder_command(
         report = build_folder(
             root, out, composites, masks, real, match, sample_id, subset, storage_options
         )
+    typer.echo(report.text())
+
+
+MatchArg = Annotated[
+    str | None,
+    typer.Option(help="Regex on the image's path under ROOT; named groups fill patterns."),
+]
+
+
+@manifest_app.command("objects")
+@with_storage_options
+def manifest_objects_command(
+    root: Annotated[str, typer.Argument(help="Folder (path or URI).")],
+    images: Annotated[str, typer.Option(help="Glob of the object images, relative to ROOT.")],
+    masks: Annotated[str, typer.Option(help="Mask of each image, e.g. 'masks/{stem}.png'.")],
+    out: ManifestOutArg,
+    category: Annotated[
+        str | None, typer.Option(help="Category pattern, e.g. '{dir}' (one folder a class).")
+    ] = None,
+    object_id: Annotated[str, typer.Option(help="object_id pattern.")] = "{stem}",
+    match: MatchArg = None,
+    *,
+    storage_options: dict[str, Any],
+) -> None:
+    """Objects manifest for `harmonize compose`: each image found, its mask, its category.
+
+    Patterns use {stem}, {filename}, {ext}, {dir} and --match groups; objects with a missing
+    mask are left out and listed; the build goes on.
+    """
+    from pipeline.datasets.folder import build_objects
+
+    with _buildable():
+        report = build_objects(
+            root, out, images, masks, object_id, category, match, storage_options
+        )
+    typer.echo(report.text())
+
+
+@manifest_app.command("backgrounds")
+@with_storage_options
+def manifest_backgrounds_command(
+    root: Annotated[str, typer.Argument(help="Folder (path or URI).")],
+    images: Annotated[str, typer.Option(help="Glob of the background photos, relative to ROOT.")],
+    out: ManifestOutArg,
+    background_id: Annotated[str, typer.Option(help="background_id pattern.")] = "{stem}",
+    match: MatchArg = None,
+    *,
+    storage_options: dict[str, Any],
+) -> None:
+    """Backgrounds manifest for `harmonize compose`: one row per photo the glob finds."""
+    from pipeline.datasets.folder import build_backgrounds
+
+    with _buildable():
+        report = build_backgrounds(root, out, images, background_id, match, storage_options)
     typer.echo(report.text())

@@ -124,6 +124,7 @@ def run_and_report(config: RunConfig, verbose: bool = False) -> None:
 def run_job(job: Callable[[], Any], verbose: bool = False) -> None:
     """Run a Ray job (`job()` returns a summary with `text()`) and print its summary; a job
     that cannot start, or whose storage fails, is one line."""
+    from pipeline.models.layout import ModelDirError
     from pipeline.placement import PlacementError
     from pipeline.preflight import PreflightError, storage_failure
     from schemas.manifest import ManifestError
@@ -131,7 +132,8 @@ def run_job(job: Callable[[], Any], verbose: bool = False) -> None:
     try:
         with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
             summary = job()
-    except (ManifestError, PreflightError, PlacementError) as exc:  # found before any work
+    # Found before any work: a bad manifest, storage, placement or model directory.
+    except (ManifestError, PreflightError, PlacementError, ModelDirError) as exc:
         fail(exc, 2)
     except Exception as exc:  # storage failing mid-run (disk full, access revoked): one line
         line = storage_failure(exc)

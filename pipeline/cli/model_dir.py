@@ -20,7 +20,10 @@ from pipeline.config import Direction
 @model_app.command("check")
 @with_storage_options
 def model_check_command(
-    model_dir: Annotated[str, typer.Argument(help="Model directory (path or URI).")],
+    model_dir: Annotated[
+        str,
+        typer.Argument(help="Model directory (path or URI; hf://ORG/REPO[@REVISION]/FOLDER)."),
+    ],
     allow_unsafe_pickle: PickleArg = False,
     *,
     storage_options: dict[str, Any],

@@ -126,7 +126,8 @@ ModelArg = Annotated[
 ModelDirArg = Annotated[
     str | None,
     typer.Option(
-        help="DiffHarmony model directory (path or URI) in the official layout; see docs/models.md."
+        help="DiffHarmony model directory (path or URI: s3://…, hf://ORG/REPO[@REVISION]/FOLDER "
+        "on the Hugging Face Hub) in the official layout; see docs/models.md."
     ),
 ]
 ResolutionArg = Annotated[

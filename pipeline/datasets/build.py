@@ -1,12 +1,15 @@
 """What every manifest builder shares: the samples found, the check that their files exist, the
 manifest written, and the report of what was left out.
 
-Enters: a dataset root (local path or any fsspec URI: `s3://`, `gs://`, `file://`) and the
-samples a builder (`iharmony4.py`, `folder.py`) found there: a sample id, its files relative
-to the root, its subset.
-Leaves: one manifest Parquet file, written atomically at any URI, with `sample_id`,
-`composite_uri`, `mask_uri`, `real_uri` and (when asked) `subset`; and a `BuildReport` saying
-what went in, and which samples were left out and why.
+Enters: a dataset root (local path or any fsspec URI: `s3://`, `gs://`, `file://`), the kind
+of manifest (`ManifestKind`: composites for `harmonize run`, or compose's objects or
+backgrounds) and the samples a builder (`iharmony4.py`, `folder.py`) found there: an id, its
+files relative to the root, its label (subset, category).
+Leaves: one manifest Parquet file, written atomically at any URI, checked against its kind's
+contract: composites have `sample_id`, `composite_uri`, `mask_uri`, `real_uri` and (when asked)
+`subset`; objects `object_id`, `image_uri`, `mask_uri` (and `category`); backgrounds
+`background_id`, `image_uri`. And a `BuildReport` saying what went in, and which samples were
+left out and why.
 
 Decisions:
   - URIs are absolute (`s3://bucket/…`, `/data/…`): the manifest may live anywhere, not only
@@ -22,7 +25,7 @@ from __future__ import annotations
 import io
 import posixpath
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import absolute, filesystem, resolve, write_atomic
+from schemas.compose import validate_inputs
 from schemas.manifest import validate_manifest
 
-FILE_KINDS = ("composite", "mask", "real")
 _SHOWN = 10  # problems listed in full in the report text; the rest are counted
 
 
@@ -41,21 +44,44 @@ class ManifestBuildError(ValueError):
     """The manifest cannot be built at all (no list file, bad pattern, no sample left)."""
 
 
+@dataclass(frozen=True)
+class ManifestKind:
+    """What a manifest's rows are."""
+
+    id_column: str
+    files: tuple[str, ...]  # file kinds, the first found by the builder; column f"{kind}_uri"
+    label: str | None  # the optional label column
+    validate: Callable[[pa.Table], None]  # the contract of the table written
+    row: str = "sample"  # what a row is, in the report
+
+
+COMPOSITES = ManifestKind("sample_id", ("composite", "mask", "real"), "subset", validate_manifest)
+OBJECTS = ManifestKind(
+    "object_id", ("image", "mask"), "category",
+    lambda table: validate_inputs(table, "objects", "object_id", ("image_uri",), ("mask_uri",)),
+    "object",
+)  # fmt: skip
+BACKGROUNDS = ManifestKind(
+    "background_id", ("image",), None,
+    lambda table: validate_inputs(table, "backgrounds", "background_id", ("image_uri",), ()),
+    "background",
+)  # fmt: skip
+
+
 @dataclass
 class BuildReport:
     """What a build read, wrote and left out."""
 
     root: str
-    sources: list[str]  # list files read, or the composites glob
+    sources: list[str]  # list files read, or the glob
     manifest_uri: str | None = None
     rows: int = 0
-    subsets: dict[str, int] = field(default_factory=dict)
-    # kind ("composite", "mask", "real") -> missing URI -> sample ids that need it
-    missing: dict[str, dict[str, list[str]]] = field(
-        default_factory=lambda: {kind: {} for kind in FILE_KINDS}
-    )
+    subsets: dict[str, int] = field(default_factory=dict)  # rows per label
+    # file kind ("composite", "mask", "image", ...) -> missing URI -> ids that need it
+    missing: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # entries not understood, with the reason
     duplicate_lines: int = 0
+    row: str = "sample"  # what a row is (`ManifestKind.row`)
 
     @property
     def left_out(self) -> list[str]:
@@ -74,7 +100,7 @@ class BuildReport:
     def text(self) -> str:
         counts = ", ".join(f"{name} {count}" for name, count in self.subsets.items())
         lines = [
-            f"manifest {self.manifest_uri}: {self.rows} samples"
+            f"manifest {self.manifest_uri}: {self.rows} {self.row}s"
             + (f" ({counts})" if counts else ""),
             "from: " + ", ".join(self.sources),
         ]
@@ -85,7 +111,7 @@ class BuildReport:
                 f"{len(by_uri)} {kind}" for kind, by_uri in self.missing.items() if by_uri
             )
             lines.append(
-                f"WARNING: {len(self.left_out)} sample(s) left out: {self.missing_files} "
+                f"WARNING: {len(self.left_out)} {self.row}(s) left out: {self.missing_files} "
                 f"file(s) missing ({kinds})"
             )
             shown = 0
@@ -93,7 +119,7 @@ class BuildReport:
                 for uri, ids in sorted(by_uri.items()):
                     if shown < _SHOWN:
                         samples = ", ".join(ids[:3]) + (f" +{len(ids) - 3}" if len(ids) > 3 else "")
-                        noun = "sample" if len(ids) == 1 else "samples"
+                        noun = self.row if len(ids) == 1 else f"{self.row}s"
                         lines.append(f"  missing {kind}: {uri} ({noun} {samples})")
                     shown += 1
             if shown > _SHOWN:
@@ -111,7 +137,7 @@ class BuildReport:
 class Sample:
     sample_id: str
     files: dict[str, str]  # kind -> path relative to the root
-    subset: str | None
+    subset: str | None  # the label: subset of a composite, category of an object
     source: str  # where it came from, for error messages
 
 
@@ -166,9 +192,13 @@ def finish(
     report: BuildReport,
     out: str,
     storage_options: dict[str, Any],
-    with_subset: bool,
+    with_label: bool,
+    kind: ManifestKind = COMPOSITES,
 ) -> BuildReport:
-    """Check the files exist, write the complete samples as the manifest, fill the report."""
+    """Check the files exist, write the complete samples as the manifest (with the label
+    column when `with_label`), fill the report."""
+    report.row = kind.row
+    report.missing = {file_kind: {} for file_kind in kind.files}  # reported in this order
     by_id: dict[str, Sample] = {}
     for sample in samples:
         earlier = by_id.get(sample.sample_id)
@@ -177,40 +207,42 @@ def finish(
         elif earlier.files == sample.files:
             report.duplicate_lines += 1
         else:
+            first = kind.files[0]
             raise ManifestBuildError(
-                f"sample_id {sample.sample_id!r} is given by two different composites: "
-                f"{earlier.files['composite']} ({earlier.source}) and "
-                f"{sample.files['composite']} ({sample.source}); sample ids must be unique"
+                f"{kind.id_column} {sample.sample_id!r} is given by two different {first}s: "
+                f"{earlier.files[first]} ({earlier.source}) and "
+                f"{sample.files[first]} ({sample.source}); ids must be unique"
             )
     unique = list(by_id.values())
     needed = {root.to_path(rel) for s in unique for rel in s.files.values()}
     present = existing_files(root.fs, needed)
 
-    kinds = [k for k in FILE_KINDS if any(k in s.files for s in unique)]  # no real: no column
-    rows: dict[str, list[str | None]] = {"sample_id": [], **{f"{k}_uri": [] for k in kinds}}
-    if with_subset:
-        rows["subset"] = []
+    kinds = [k for k in kind.files if any(k in s.files for s in unique)]  # no real: no column
+    rows: dict[str, list[str | None]] = {kind.id_column: [], **{f"{k}_uri": [] for k in kinds}}
+    label = kind.label if with_label else None
+    if label:
+        rows[label] = []
     subsets: dict[str, int] = defaultdict(int)
     for sample in unique:
         absent = [k for k, rel in sample.files.items() if root.to_path(rel) not in present]
-        for kind in absent:
-            uri = root.to_uri(sample.files[kind])
-            report.missing[kind].setdefault(uri, []).append(sample.sample_id)
+        for file_kind in absent:
+            uri = root.to_uri(sample.files[file_kind])
+            report.missing[file_kind].setdefault(uri, []).append(sample.sample_id)
         if absent:
             continue
-        rows["sample_id"].append(sample.sample_id)
-        for kind in kinds:
-            rows[f"{kind}_uri"].append(root.to_uri(sample.files[kind]))
-        if with_subset:
-            rows["subset"].append(sample.subset)
+        rows[kind.id_column].append(sample.sample_id)
+        for file_kind in kinds:
+            rows[f"{file_kind}_uri"].append(root.to_uri(sample.files[file_kind]))
+        if label:
+            rows[label].append(sample.subset)
             subsets[sample.subset or ""] += 1
     report.subsets = dict(subsets)
-    report.rows = len(rows["sample_id"])
+    report.rows = len(rows[kind.id_column])
     if not report.rows:
         raise ManifestBuildError(f"no complete sample to write\n{report.text()}")
 
     table = pa.table(rows, schema=pa.schema([(name, pa.string()) for name in rows]))
-    validate_manifest(table)
+    kind.validate(table)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     report.manifest_uri = absolute(out)

@@ -1,9 +1,10 @@
-"""The manifest of any folder: composites found by a glob, each one's mask and ground truth named
-by patterns.
+"""Manifests of any folder: files found by a glob, each one's other files named by patterns.
 
-Enters: a folder (local path or any fsspec URI), a glob of the composites relative to it, and
-patterns naming each composite's mask, ground truth, sample id and subset.
-Leaves: the manifest written by `build.finish`, and its `BuildReport` (composites whose files
+Enters: a folder (local path or any fsspec URI), a glob relative to it, and patterns naming
+each found file's companions, its id and its label: composites with their mask and ground
+truth (`harmonize run`'s manifest), object images with their masks and category (compose's
+objects), or background images (compose's backgrounds).
+Leaves: the manifest written by `build.finish`, and its `BuildReport` (files whose companions
 are missing, or whose path does not match `--match`, are listed and left out).
 """
 
@@ -15,9 +16,13 @@ import string
 from typing import Any
 
 from pipeline.datasets.build import (
+    BACKGROUNDS,
+    COMPOSITES,
+    OBJECTS,
     BuildReport,
     DatasetRoot,
     ManifestBuildError,
+    ManifestKind,
     Sample,
     finish,
 )
@@ -54,6 +59,56 @@ def build_folder(
       full, e.g. `(?P<name>.+)_(?P<i>\\d+)_\\d+\\.jpg` (non-matching composites are reported
       and left out).
     """
+    return build_from_glob(
+        COMPOSITES, root, out, composites, {"mask": masks, "real": real}, sample_id, subset,
+        match, storage_options,
+    )  # fmt: skip
+
+
+def build_objects(
+    root: str,
+    out: str,
+    images: str,
+    masks: str,
+    object_id: str = "{stem}",
+    category: str | None = None,
+    match: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> BuildReport:
+    """compose's objects manifest from a folder: object images by a glob, each one's mask (and
+    category) by patterns, as `build_folder` names them."""
+    return build_from_glob(
+        OBJECTS, root, out, images, {"mask": masks}, object_id, category, match, storage_options
+    )
+
+
+def build_backgrounds(
+    root: str,
+    out: str,
+    images: str,
+    background_id: str = "{stem}",
+    match: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> BuildReport:
+    """compose's backgrounds manifest from a folder: background images by a glob."""
+    return build_from_glob(
+        BACKGROUNDS, root, out, images, {}, background_id, None, match, storage_options
+    )
+
+
+def build_from_glob(
+    kind: ManifestKind,
+    root: str,
+    out: str,
+    glob: str,
+    companions: dict[str, str | None],
+    id_pattern: str,
+    label_pattern: str | None,
+    match: str | None,
+    storage_options: dict[str, Any] | None,
+) -> BuildReport:
+    """The manifest of `kind`: the files `glob` finds (its first file kind), each one's
+    `companions` (file kind -> pattern, None: none), id and label filled from its name."""
     options = storage_options or {}
     regex = None
     groups: set[str] = set()
@@ -69,7 +124,7 @@ def build_folder(
         if clash:
             raise ManifestBuildError(f"--match group(s) {sorted(clash)} shadow built-in fields")
     known = set(BUILTIN_FIELDS) | groups
-    patterns = {"mask": masks, "real": real, "sample_id": sample_id, "subset": subset}
+    patterns = {**companions, kind.id_column: id_pattern, str(kind.label): label_pattern}
     for what, pattern in patterns.items():
         if pattern is None:
             continue
@@ -79,18 +134,18 @@ def build_folder(
                 f"{what} pattern {pattern!r} uses {sorted(unknown)}; available: "
                 + ", ".join(sorted(known))
             )
-        if what in ("mask", "real") and (has_protocol(pattern) or pattern.startswith("/")):
+        if what in companions and (has_protocol(pattern) or pattern.startswith("/")):
             raise ManifestBuildError(f"{what} pattern {pattern!r} must be relative to the folder")
 
     folder = DatasetRoot(root, options)
     paths = sorted(
         path
-        for path, info in folder.fs.glob(join(folder.path, composites), detail=True).items()
+        for path, info in folder.fs.glob(join(folder.path, glob), detail=True).items()
         if info.get("type") == "file"
     )
-    source = f"{folder.to_uri(composites)} (glob)"
+    source = f"{folder.to_uri(glob)} (glob)"
     if not paths:
-        raise ManifestBuildError(f"no file matches {composites!r} under {folder.uri}")
+        raise ManifestBuildError(f"no file matches {glob!r} under {folder.uri}")
     report = BuildReport(root=folder.uri, sources=[source])
     samples = []
     for path in paths:
@@ -105,15 +160,13 @@ def build_folder(
                 report.skipped.append(f"{rel}: does not match --match {match!r}")
                 continue
             values.update({k: v or "" for k, v in found.groupdict().items()})
-        files = {"composite": rel, "mask": posixpath.normpath(masks.format(**values))}
-        if real is not None:
-            files["real"] = posixpath.normpath(real.format(**values))
-        samples.append(
-            Sample(
-                sample_id.format(**values),
-                files,
-                subset.format(**values) if subset is not None else None,
-                rel,
-            )
+        files = {kind.files[0]: rel}
+        files.update(
+            (what, posixpath.normpath(pattern.format(**values)))
+            for what, pattern in companions.items()
+            if pattern is not None
         )
-    return finish(folder, samples, report, out, options, with_subset=subset is not None)
+        label = label_pattern.format(**values) if label_pattern is not None else None
+        samples.append(Sample(id_pattern.format(**values), files, label, rel))
+    return finish(folder, samples, report, out, options, with_label=label_pattern is not None,
+                  kind=kind)  # fmt: skip

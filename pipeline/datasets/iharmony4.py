@@ -118,4 +118,4 @@ def build_iharmony4(
                 f"(present: {', '.join(present)})"
             )
         samples = [s for s in samples if s.subset in wanted]
-    return finish(dataset, samples, report, out, options, with_subset=True)
+    return finish(dataset, samples, report, out, options, with_label=True)

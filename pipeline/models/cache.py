@@ -1,7 +1,7 @@
 """Remote model directories, copied once per node into a checksummed local cache.
 
-Enters: a model directory URI (s3://, gs://, file://, memory://, ...) and storage options, or a
-plain local path.
+Enters: a model directory URI (s3://, gs://, hf://ORG/REPO[@REVISION]/FOLDER, file://,
+memory://, ...) and storage options, or a plain local path.
 Leaves: the local folder to load from (`resolve_model_dir`); the cache's own checks
 (`verify_cache`) and the checksums of a folder's files (`file_checksums`, `read_manifest`).
 
@@ -9,8 +9,12 @@ Remote directories are copied once per node to `<cache_dir>/<sha256(uri)[:16]>/`
 `~/.cache/harmonize/models`): files go to a temporary folder, their sha256 is computed while they
 stream and written to a manifest, and the folder is renamed into place; an exclusive file lock
 serialises actors on the same node. Every later load re-hashes the copy against the manifest and
-compares the remote listing (paths and sizes), fetching again if either differs. Every remote
-read goes through `storage.filesystem`, with the retry settings of every other read.
+lists the remote afresh (paths, sizes and the store's version of each file: the Hub's blob id,
+S3's ETag), fetching again if either differs. Every remote read goes through
+`storage.filesystem`, with the retry settings of every other read. A folder on the Hugging Face
+Hub (`hf://`, huggingface_hub's HfFileSystem) takes the same path; its files are read in one
+streaming request each, and its token is huggingface_hub's own (`HF_TOKEN` or the saved login),
+sent to the Hub and written nowhere by this module.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.models.layout import ModelDirError
-from pipeline.storage import filesystem, has_protocol
+from pipeline.storage import describe, filesystem, has_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +107,13 @@ def _node_lock(lock_file: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def list_tree(fs: Any, remote_root: str) -> dict[str, int]:
-    """Relative path -> size of every file under the remote directory."""
+# What a store says changes with a file's content: the Hub's git blob id, S3's ETag.
+_VERSION_KEYS = ("blob_id", "ETag", "etag")
+
+
+def list_files(fs: Any, remote_root: str) -> dict[str, tuple[int, str | None]]:
+    """Relative path -> (size, version) of every file under the remote directory; the version
+    is the store's content tag (`_VERSION_KEYS`), None where it has none."""
     remote_root = remote_root.rstrip("/")
     listing = {}
     for path, info in fs.find(remote_root, detail=True).items():
@@ -112,11 +121,41 @@ def list_tree(fs: Any, remote_root: str) -> dict[str, int]:
             continue
         rel = path.rstrip("/")[len(remote_root) :].lstrip("/")
         if rel and rel != MANIFEST:
-            listing[rel] = int(info.get("size") or 0)
+            version = next((info[k] for k in _VERSION_KEYS if info.get(k)), None)
+            listing[rel] = (int(info.get("size") or 0), None if version is None else str(version))
     return listing
 
 
-def _fetch_tree(fs: Any, remote_root: str, listing: dict[str, int], local: Path, uri: str) -> None:
+def list_tree(fs: Any, remote_root: str) -> dict[str, int]:
+    """Relative path -> size of every file under the remote directory."""
+    return {rel: size for rel, (size, _) in list_files(fs, remote_root).items()}
+
+
+def _changed(local: Path, remote: dict[str, tuple[int, str | None]]) -> bool:
+    """Whether the remote directory differs from what was copied: other paths, other sizes, or
+    another version where both the copy and the listing know it (a branch of a Hub repository
+    that moved on, weights of the same size rewritten on S3)."""
+    recorded = read_manifest(local)
+    if recorded.keys() != remote.keys():
+        return True
+    return any(
+        recorded[rel]["size"] != size
+        or (version is not None and recorded[rel].get("version") not in (None, version))
+        for rel, (size, version) in remote.items()
+    )
+
+
+def _read_options(fs: Any) -> dict[str, Any]:
+    """How to open a remote file for one pass from start to end: on the Hub, one streaming GET
+    (`block_size=0`) rather than a ranged GET per block, each of which the Hub would redirect to
+    its CDN; elsewhere the file system's own reads."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return {"block_size": 0} if "hf" in protocols else {}
+
+
+def _fetch_tree(
+    fs: Any, remote_root: str, listing: dict[str, tuple[int, str | None]], local: Path, uri: str
+) -> None:
     """Copy every listed file to a temporary folder, hashing as it streams, then rename it."""
     tmp = local.parent / f".{local.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -125,14 +164,16 @@ def _fetch_tree(fs: Any, remote_root: str, listing: dict[str, int], local: Path,
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             digest, size = hashlib.sha256(), 0
-            with fs.open(f"{remote_root.rstrip('/')}/{rel}", "rb") as src, target.open("wb") as dst:
+            source = f"{remote_root.rstrip('/')}/{rel}"
+            with fs.open(source, "rb", **_read_options(fs)) as src, target.open("wb") as dst:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
                     size += len(chunk)
-            if size != listing[rel]:
+            expected, version = listing[rel]
+            if size != expected:
                 raise ModelDirError(f"{uri}/{rel} changed while it was being copied")
-            manifest[rel] = {"sha256": digest.hexdigest(), "size": size}
+            manifest[rel] = {"sha256": digest.hexdigest(), "size": size, "version": version}
         (tmp / MANIFEST).write_text(json.dumps({"uri": uri, "files": manifest}, indent=1))
         try:
             os.rename(tmp, local)
@@ -160,8 +201,8 @@ def resolve_model_dir(
     """The local folder to load from: a plain path as is, a URI through the node cache.
 
     Credentials and endpoints come from `storage_options` or the environment (e.g. AWS_* and
-    FSSPEC_S3_ENDPOINT_URL for s3://); the filesystem is `storage.filesystem`'s, with the retry
-    settings of every other read.
+    FSSPEC_S3_ENDPOINT_URL for s3://; HF_ENDPOINT and HF_TOKEN or the saved login for hf://);
+    the filesystem is `storage.filesystem`'s, with the retry settings of every other read.
     """
     if not is_remote(uri):
         local = Path(uri).expanduser()
@@ -174,21 +215,22 @@ def resolve_model_dir(
     with _node_lock(local.parent / f"{local.name}.lock"):
         fs, remote_root = filesystem(uri, storage_options or {})
         try:
-            listing: dict[str, int] | None = list_tree(fs, remote_root)
+            fs.invalidate_cache(remote_root)  # the remote as it is now, not as last listed here
+            listing: dict[str, tuple[int, str | None]] | None = list_files(fs, remote_root)
         except Exception as error:
             if not local.is_dir():
-                raise ModelDirError(f"{uri}: cannot list the model directory ({error})") from error
-            logger.warning("cannot list %s (%s); using the cached copy", uri, error)
+                raise ModelDirError(
+                    f"{uri}: cannot list the model directory: {describe(error)}"
+                ) from error
+            logger.warning("cannot list %s (%s); using the cached copy", uri, describe(error))
             listing = None
         if listing == {}:
             raise ModelDirError(f"{uri}: no files under this URI")
 
         if local.is_dir():
             problems = verify_cache(local)
-            if not problems and listing is not None:
-                recorded = {rel: e["size"] for rel, e in read_manifest(local).items()}
-                if recorded != listing:
-                    problems = ["the remote directory changed since it was copied"]
+            if not problems and listing is not None and _changed(local, listing):
+                problems = ["the remote directory changed since it was copied"]
             if not problems:
                 return local
             if listing is None:

@@ -14,6 +14,8 @@ import torch
 
 from pipeline.models.cache import is_remote, resolve_model_dir
 from pipeline.models.components import load_all
+from pipeline.models.layout import ModelDirError
+from pipeline.storage import describe
 
 
 def check_model_dir(
@@ -35,8 +37,10 @@ def check_model_dir(
             path = resolve_model_dir(
                 str(path), cache_dir=cache_dir, storage_options=storage_options
             )
+        except ModelDirError as error:  # names the URI and the cause already
+            return [str(error)]
         except Exception as error:
-            return [f"{path}: cannot fetch the model directory ({error})"]
+            return [f"{path}: cannot fetch the model directory: {describe(error)}"]
     root = Path(path)
     if not root.is_dir():
         return [f"{root}: model directory not found"]
