@@ -16,12 +16,14 @@ and the files.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.storage import absolute, describe, filesystem, resolve, to_pyarrow
@@ -38,6 +40,16 @@ class Manifest:
     schema: pa.Schema  # every file is read with this schema
     num_rows: int
     first_composite: str | None = None  # as written in the first row (for preflight checks)
+    sample_ids: pa.Array | None = dataclasses.field(
+        default=None, repr=False
+    )  # read for the validation
+
+    def count_of(self, ids: pa.Array) -> int:
+        """How many of `ids` are samples of this manifest (all of them when its ids are not
+        kept)."""
+        if self.sample_ids is None or len(ids) == 0:
+            return len(ids)
+        return int(pc.sum(pc.is_in(self.sample_ids, value_set=ids)).as_py() or 0)
 
     @property
     def first_composite_uri(self) -> str | None:
@@ -165,4 +177,6 @@ def _open_manifest(uri: str, storage_options: dict[str, Any]) -> Manifest:
     keys_table = pa.concat_tables(tables)
     validate_manifest(keys_table, files=[(n, len(t)) for n, t in zip(names, tables)])
     first = keys_table["composite_uri"][0].as_py() if keys_table.num_rows else None
-    return Manifest(uri, files, base_dir, schema, keys_table.num_rows, first)
+    return Manifest(
+        uri, files, base_dir, schema, keys_table.num_rows, first, keys_table["sample_id"]
+    )

@@ -21,6 +21,7 @@ counts only those.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,7 +34,8 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline import preflight
-from pipeline.config import RunConfig
+from pipeline.config import MODELS, RunConfig
+from pipeline.console import Console
 from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, check_device, params_hash
 from pipeline.manifest import Manifest, open_manifest
@@ -62,15 +64,18 @@ def init_ray(config: RunConfig) -> None:
     Sizing is passed only when starting a local cluster: `ray.init(num_cpus=…)` raises when it
     connects to an existing one. Local clusters get more logical CPUs than cores, so that the
     I/O stages and the actor pool cannot deadlock waiting for each other on small machines.
+    `log_to_driver` (Ray's own switch): the workers' output on this console, or only in Ray's
+    session folder.
     """
     if ray.is_initialized():
         return
+    options = {"log_to_driver": config.log_to_driver}
     if config.ray_address not in (None, "local"):
-        ray.init(address=config.ray_address)
+        ray.init(address=config.ray_address, **options)
         return
     if config.ray_address is None:
         try:
-            ray.init(address="auto")
+            ray.init(address="auto", **options)
             return
         except ConnectionError:
             pass
@@ -78,6 +83,7 @@ def init_ray(config: RunConfig) -> None:
         address="local",
         num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
         object_store_memory=config.object_store_memory,
+        **options,
     )
 
 
@@ -101,8 +107,11 @@ def place(config: RunConfig) -> tuple[RunConfig, Placement]:
     check_paths_reachable(paths, config.output)
     log.info("placement: %s", placement.describe())
     if config.model.device == "auto" and placement.device == "cpu":
-        log.warning(
-            "this Ray cluster has no GPU: the model runs on CPU (--device cuda requires one)"
+        # Worth a warning only for a model that is slow on a CPU; the others run there anyway.
+        slow = MODELS[config.model.name].slow_on_cpu
+        log.log(
+            logging.WARNING if slow else logging.INFO,
+            "this Ray cluster has no GPU: the model runs on CPU (--device cuda requires one)",
         )
     if placement.min_actors < placement.max_actors:
         log.warning(
@@ -264,21 +273,34 @@ def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str)
     )
 
 
-def run(config: RunConfig) -> RunSummary:
-    """Validate the manifest, run the Ray graph, write the results, summarize."""
+def run(config: RunConfig, console: Console | None = None) -> RunSummary:
+    """Validate the manifest, run the Ray graph, write the results, summarize.
+
+    `console` (the command line's): a header once the manifest is read, and one progress bar
+    instead of Ray Data's while the graph runs."""
     # Workers run in other folders, and results name their images: a local relative output
     # becomes absolute here, once.
     config = replace(config, output=absolute(config.output))
     manifest = open_manifest(config.manifest, config.storage_options)  # footers and key columns
     preflight.check(config, manifest.first_composite_uri)  # storage, output: before any model
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
+    if console is not None:
+        console.header(
+            f"harmonize run {config.run_id}: {manifest.num_rows} samples of {manifest.uri}, "
+            f"model {config.model.name} -> {config.output}"
+        )
+        config = replace(config, show_progress=False)  # the console draws the one bar
     init_ray(config)
     config, placement = place(config)  # fails here, before any model loads
     start = time.perf_counter()
     done = done_sample_ids(
         config.output, config.storage_options, probe_params_hash(config, placement)
     )
-    dataset = build_dataset(config, manifest, placement, done)
+    to_do = manifest.num_rows - manifest.count_of(done)
+    log.info("%d samples to do, %d done earlier with the same parameters", to_do, len(done))
     sink = ResultsSink(run_folder(config.output, config.run_id), config)
-    dataset.write_datasink(sink)
+    # The callback that counts progress is read from the DataContext when the plan is built.
+    with console.executing(to_do) if console else contextlib.nullcontext():
+        dataset = build_dataset(config, manifest, placement, done)
+        dataset.write_datasink(sink)
     return summarize(config, time.perf_counter() - start, len(done), sink.file_prefix)

@@ -9,11 +9,9 @@ runs under an output; the manifest and results schemas with their column descrip
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import shutil
 import traceback
-from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,6 +44,7 @@ from pipeline.cli.options import (
     RunIdArg,
     SeedArg,
     StepsArg,
+    VerboseArg,
     checked_config,
     with_storage_options,
 )
@@ -78,9 +77,7 @@ def run_command(
     num_cpus: NumCpusArg = RUN["num_cpus"],
     ray_address: RayAddressArg = RUN["ray_address"],
     results_rows_per_file: RowsPerFileArg = RUN["results_rows_per_file"],
-    verbose: Annotated[
-        bool, typer.Option("--verbose", help="On a failed run, print the whole traceback too.")
-    ] = False,
+    verbose: VerboseArg = False,
     *,
     storage_options: dict[str, Any],
 ) -> None:
@@ -108,15 +105,22 @@ def run_command(
 
 
 def run_and_report(config: RunConfig, verbose: bool = False) -> None:
-    """Run, print the summary; a run that cannot start or whose storage fails is one line."""
+    """Run with the console a person reads: the header, one progress bar, the summary; Ray's
+    own logs in the run's log file (and on the console with `verbose`). A run that cannot start
+    or whose storage fails is one line."""
+    from pipeline.console import Console, RunLog, log_uri
     from pipeline.placement import PlacementError
     from pipeline.preflight import PreflightError, storage_failure
     from pipeline.run import run
+    from pipeline.storage import absolute
     from schemas.manifest import ManifestError
 
+    config = replace(config, output=absolute(config.output), log_to_driver=verbose)
+    run_log = RunLog(log_uri(config.output, config.run_id), config.storage_options, verbose)
+    console = Console(run_log, show_progress=config.show_progress)
     try:
-        with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
-            summary = run(config)
+        with run_log.active():
+            summary = run(config, console)
     except (ManifestError, PreflightError, PlacementError) as exc:  # found before any work
         fail(exc, 2)
     except Exception as exc:  # storage failing mid-run (disk full, access revoked): one line
@@ -130,27 +134,6 @@ def run_and_report(config: RunConfig, verbose: bool = False) -> None:
     typer.echo(summary.text())
 
 
-@contextlib.contextmanager
-def _quiet_ray_data_errors() -> Iterator[None]:
-    """Keep Ray Data's error records (a failed run's traceback, a plea to report a Ray bug) off
-    the console: the run command says what failed in one line, and the records still go to
-    Ray Data's log file in the session folder. `--verbose` keeps them."""
-    from ray.data._internal.logging import SessionFileHandler  # Ray Data's own log file
-
-    def below_error(record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
-
-    consoles = [h for h in logging.getLogger("ray.data").handlers
-                if not isinstance(h, SessionFileHandler)]  # fmt: skip
-    for handler in consoles:
-        handler.addFilter(below_error)
-    try:
-        yield
-    finally:
-        for handler in consoles:
-            handler.removeFilter(below_error)
-
-
 @app.command("demo")
 def demo_command(
     root: Annotated[Path, typer.Option(help="Where to build the demo dataset.")] = Path(
@@ -162,6 +145,7 @@ def demo_command(
     model: ModelArg = MODEL.name,
     model_dir: ModelDirArg = MODEL.model_dir,
     build_only: Annotated[bool, typer.Option(help="Only build the dataset.")] = False,
+    verbose: VerboseArg = False,
 ) -> None:
     """Build the bundled demo dataset (scikit-image photos) and harmonize it on local Ray.
 
@@ -172,12 +156,16 @@ def demo_command(
     with checked_config():
         model_config = ModelConfig(name=model, model_dir=model_dir)
     manifest = build_demo(str(root.resolve()))
-    typer.echo(f"demo dataset: {manifest}")
     if build_only:
+        typer.echo(f"demo dataset: {manifest}")
         return
     if output.exists():  # the demo starts afresh; a re-run would skip every done sample
         shutil.rmtree(output)
-    run_and_report(RunConfig(manifest=manifest, output=str(output.resolve()), model=model_config))
+    # A Ray of its own, as the demo says: not whatever cluster this machine happens to run.
+    config = RunConfig(
+        manifest=manifest, output=str(output.resolve()), model=model_config, ray_address="local"
+    )
+    run_and_report(config, verbose)
 
 
 @app.command("runs")

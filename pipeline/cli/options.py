@@ -203,7 +203,20 @@ PickleArg = Annotated[
     ),
 ]
 ProgressArg = Annotated[
-    bool, typer.Option("--progress/--no-progress", help="Show Ray Data's progress bars.")
+    bool,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Show the progress bar (samples done, images/s, ETA; a line every few seconds "
+        "where the output is not a terminal).",
+    ),
+]
+VerboseArg = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Ray's own INFO logs and its workers' output on the console too (they always go "
+        "to the run's log, {output}/logs/{run_id}.log); a failed run's whole traceback.",
+    ),
 ]
 NumCpusArg = Annotated[
     int | None,
