@@ -209,34 +209,40 @@ def false_alarm_to_log() -> Iterator[None]:
     os.dup2(write_end, 2)
     os.close(write_end)
 
+    def forward(data: bytes) -> None:
+        try:
+            while data:
+                data = data[os.write(real, data) :]
+        except OSError:  # a closed console: keep reading, so that no writer ever blocks
+            pass
+
     def pump() -> None:
-        pending = b""
+        pending, at_line_start = b"", True
         with open(read_end, "rb", buffering=0) as source:
             while chunk := source.read(65536):
                 pending += chunk
                 while pending:
-                    # A line of the core worker starts with '[': hold it until it is whole.
-                    # Anything else (a progress bar's '\r', Python's stderr) passes at once.
-                    if not pending.startswith(b"["):
-                        cut = pending.find(b"[")
-                        cut = len(pending) if cut < 0 else cut
-                        os.write(real, pending[:cut])
-                        pending = pending[cut:]
+                    if at_line_start and pending.startswith(b"["):
+                        # A line of the core worker: held until it is whole, then judged.
+                        end = pending.find(b"\n")
+                        if end < 0:
+                            break
+                        line, pending = pending[: end + 1], pending[end + 1 :]
+                        if FALSE_ALARM.match(line):
+                            log.info(
+                                "Ray Core (not shown on the console; Ray Data's own pool "
+                                "actors, ray-project/ray#57733): %s",
+                                line.decode(errors="replace").strip(),
+                            )
+                        else:
+                            forward(line)
                         continue
+                    # Anything else (Python's stderr, a part of a line) passes at once.
                     end = pending.find(b"\n")
-                    if end < 0:
-                        break
-                    line, pending = pending[: end + 1], pending[end + 1 :]
-                    if FALSE_ALARM.match(line):
-                        log.info(
-                            "Ray Core (not shown on the console; Ray Data's own pool actors, "
-                            "ray-project/ray#57733): %s",
-                            line.decode(errors="replace").strip(),
-                        )
-                    else:
-                        os.write(real, line)
-            if pending:
-                os.write(real, pending)
+                    cut = len(pending) if end < 0 else end + 1
+                    forward(pending[:cut])
+                    pending, at_line_start = pending[cut:], end >= 0
+            forward(pending)
 
     thread = threading.Thread(target=pump, name="stderr-router", daemon=True)
     thread.start()

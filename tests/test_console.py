@@ -139,11 +139,12 @@ def test_only_ray_datas_own_false_alarm_is_moved(capfd: object) -> None:
     other_error = b"[2026-11-27 23:48:39,058 E 487 487] core_worker.cc:811: Failed to register\n"
     assert not FALSE_ALARM.match(other_actor) and not FALSE_ALARM.match(other_error)
 
+    kept = [b"a part [of a line", b"] and its end\n", other_actor, other_error, b"[x]\n"]
     with false_alarm_to_log():
-        for data in (b"\r 50%|###  | 4/8", CORE_WORKER_LINE, other_actor, other_error, b"[x]\n"):
+        for data in (kept[0], kept[1], CORE_WORKER_LINE, *kept[2:]):
             os.write(2, data)
     err = capfd.readouterr().err  # type: ignore[attr-defined]
-    assert err == (b"\r 50%|###  | 4/8" + other_actor + other_error + b"[x]\n").decode()
+    assert err == b"".join(kept).decode()
 
 
 def test_progress_lines_without_a_terminal() -> None:
