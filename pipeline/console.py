@@ -94,7 +94,7 @@ class LogFile(logging.FileHandler):
     be written (the preflight check says why, in its one line)."""
 
     def __init__(self, wanted: str | None, name: str) -> None:
-        self.wanted = wanted
+        self.wanted = wanted  # the path asked for; `baseFilename` is where it is written
         self.file_name = name
         super().__init__(wanted or os.path.join(tempfile.gettempdir(), name), "a", "utf-8", True)
         self.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -166,6 +166,7 @@ class RunLog:
         fs, path = filesystem(self.uri, self.storage_options)
         local = path if isinstance(fs, LocalFileSystem) else None
         self.file = LogFile(local, posixpath.basename(path))
+        self.discarded = False
 
     @property
     def path(self) -> str:
@@ -178,13 +179,21 @@ class RunLog:
             return self.path
         return f"{self.uri} (when the run ends; until then {self.path})"
 
+    def discard(self) -> None:
+        """A run refused before any work (its one line says why) leaves no log behind."""
+        self.discarded = True
+        self.file.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+            os.rmdir(os.path.dirname(self.path))  # the logs/ folder, when it is empty
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         try:
             with ray_logs_to(self.file, self.verbose):
                 yield
         finally:
-            if self.file.wanted is None and self.file.opened:
+            if self.file.wanted is None and self.file.opened and not self.discarded:
                 with open(self.path, "rb") as file:
                     data = file.read()
                 try:

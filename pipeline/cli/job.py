@@ -118,10 +118,15 @@ def run_and_report(config: RunConfig, verbose: bool = False) -> None:
     config = replace(config, output=absolute(config.output), log_to_driver=verbose)
     run_log = RunLog(log_uri(config.output, config.run_id), config.storage_options, verbose)
     console = Console(run_log, show_progress=config.show_progress)
+    refused = (ManifestError, PreflightError, PlacementError)  # found before any work
     try:
         with run_log.active():
-            summary = run(config, console)
-    except (ManifestError, PreflightError, PlacementError) as exc:  # found before any work
+            try:
+                summary = run(config, console)
+            except refused:
+                run_log.discard()
+                raise
+    except refused as exc:
         fail(exc, 2)
     except Exception as exc:  # storage failing mid-run (disk full, access revoked): one line
         line = storage_failure(exc)
