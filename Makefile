@@ -2,17 +2,21 @@
 VENV   ?= .venv
 PYTHON ?= python3
 # Pinned so that pip takes the local CPU build here and the normal (CUDA) build elsewhere,
-# and never pulls a second torch through a dependency's range.
+# and never pulls a second torch through a dependency's range. deploy/lock.sh pins the rest.
 TORCH  ?= torch==2.13.0
+# The tested dependency set: what CI installs, and (deploy/runtime-requirements.txt, the same
+# pins) what clusters run. `make lock` regenerates both after a change to pyproject.toml.
+LOCK   := requirements.lock
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint clean bench
+.PHONY: install demo test lint clean bench lock
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[demo,test,bench]"
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	@# Headless Chromium for the report's browser test; best effort (root with apt only), the
 	@# test is skipped without it.
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
@@ -36,6 +40,10 @@ test: install lint
 bench: install
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.io_path
+
+lock:
+	command -v uv >/dev/null || $(PYTHON) -m pip install -q uv
+	bash deploy/lock.sh
 
 clean:
 	rm -rf demo_data demo_output

@@ -1,11 +1,14 @@
-"""Where the harmonizer actors run, decided from the Ray cluster, never from the driver's machine.
+"""Where a job runs: the Ray cluster it attaches to, and where the harmonizer actors run,
+decided from the cluster, never from the driver's machine.
 
-Enters: what the user asked (`--device auto|cuda|cpu`, `--concurrency`, `--gpus-per-actor`) and
-what the cluster offers (`ClusterGPUs`: GPU resources of the alive nodes, and the most its
-autoscaler can add where it reports its node types); for `check_paths_reachable`, the local
-paths a run reads or writes.
-Leaves: a `Placement` (the model's device, Ray resources per actor, the actor pool's size), or
-a `PlacementError` with one line, before any model loads.
+Enters: for `init_ray`, a job config's cluster options (address, CPUs, object store, whether
+the workers' output reaches the driver's console); what
+the user asked (`--device auto|cuda|cpu`, `--concurrency`, `--gpus-per-actor`) and what the
+cluster offers (`ClusterGPUs`: GPU resources of the alive nodes, and the most its autoscaler
+can add where it reports its node types); for `check_paths_reachable`, the local paths a run
+reads or writes.
+Leaves: Ray connected (`init_ray`); a `Placement` (the model's device, Ray resources per
+actor, the actor pool's size), or a `PlacementError` with one line, before any model loads.
 
 The driver (the head node under `ray job submit`) needs no GPU, no CUDA and no CUDA build of
 torch: nothing here asks torch. An actor placed on a GPU gets the device `cuda`; if torch cannot
@@ -19,11 +22,20 @@ import math
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import ray
 
 from pipeline.config import Device
+
+
+class ClusterOptions(Protocol):
+    """What a job's config says about the Ray cluster (`RunConfig`, `ComposeConfig`)."""
+
+    ray_address: str | None  # None: attach to a running cluster, else start one; "local": start
+    num_cpus: int | None
+    object_store_memory: int | None
+    log_to_driver: bool  # Ray's switch: the workers' output on the driver's console too
 
 
 class PlacementError(ValueError):
@@ -185,3 +197,32 @@ def check_paths_reachable(paths: dict[str, str], output: str) -> None:
     finally:
         if marker:
             os.remove(marker)
+
+
+def init_ray(config: ClusterOptions) -> None:
+    """Attach to a running cluster (`ray job submit`, RAY_ADDRESS, `ray start`), else start one.
+
+    Sizing is passed only when starting a local cluster: `ray.init(num_cpus=…)` raises when it
+    connects to an existing one. Local clusters get more logical CPUs than cores, so that the
+    I/O stages and the actor pool cannot deadlock waiting for each other on small machines.
+    `log_to_driver` (Ray's own switch): the workers' output on this console, or only in Ray's
+    session folder.
+    """
+    if ray.is_initialized():
+        return
+    options = {"log_to_driver": config.log_to_driver}
+    if config.ray_address not in (None, "local"):
+        ray.init(address=config.ray_address, **options)
+        return
+    if config.ray_address is None:
+        try:
+            ray.init(address="auto", **options)
+            return
+        except ConnectionError:
+            pass
+    ray.init(
+        address="local",
+        num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+        object_store_memory=config.object_store_memory,
+        **options,
+    )

@@ -2,7 +2,8 @@
 
 Enters: a `RunConfig`.
 Leaves: `{output}/images/…` (one image per ok sample), `{output}/results/{run_id}/*.parquet`
-(one row per sample processed by this run), and a `RunSummary`.
+(one row per sample processed by this run), `{output}/logs/{run_id}.log` (Ray's own logs,
+when the command line's console runs it), and a `RunSummary`.
 
     read_parquet(manifest)                       rows
     → map_batches(drop_done)          (fused)    rows not yet done with these parameters
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 
@@ -45,6 +45,7 @@ from pipeline.placement import (
     Placement,
     PlacementError,
     check_paths_reachable,
+    init_ray,
     plan_placement,
 )
 from pipeline.results import done_sample_ids, read_results, run_folder
@@ -56,35 +57,6 @@ log = logging.getLogger(__name__)
 
 # Rows per fetch/write task: enough to overlap object-store latency, small enough to stream.
 IO_BATCH_SIZE = 16
-
-
-def init_ray(config: RunConfig) -> None:
-    """Attach to a running cluster (`ray job submit`, RAY_ADDRESS, `ray start`), else start one.
-
-    Sizing is passed only when starting a local cluster: `ray.init(num_cpus=…)` raises when it
-    connects to an existing one. Local clusters get more logical CPUs than cores, so that the
-    I/O stages and the actor pool cannot deadlock waiting for each other on small machines.
-    `log_to_driver` (Ray's own switch): the workers' output on this console, or only in Ray's
-    session folder.
-    """
-    if ray.is_initialized():
-        return
-    options = {"log_to_driver": config.log_to_driver}
-    if config.ray_address not in (None, "local"):
-        ray.init(address=config.ray_address, **options)
-        return
-    if config.ray_address is None:
-        try:
-            ray.init(address="auto", **options)
-            return
-        except ConnectionError:
-            pass
-    ray.init(
-        address="local",
-        num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-        object_store_memory=config.object_store_memory,
-        **options,
-    )
 
 
 def drop_done(batch: pa.Table, done: ray.ObjectRef) -> pa.Table:

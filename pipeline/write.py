@@ -4,10 +4,11 @@ Enters: pyarrow batches from `harmonize.py` (the manifest's columns, `schemas.st
 less its pixels, `schemas.stages.HARMONIZED`).
 Leaves: `write_images` (Ray CPU tasks) writes each ok row's image to `output_uri`
 (`{output}/images/{safe sample_id}.{format}`) and only then emits the row, in the results
-schema (`schemas/results.py`) followed by the passthrough columns. `ResultsSink` writes those
-rows as Parquet files under `{output}/results/{run_id}/`, named so that no execution of the
-plan ever replaces another's file. Both write atomically, so a crash leaves whole files or
-none, and no result row points at a missing image.
+schema (`schemas/results.py`) followed by the passthrough columns. `ResultsSink` (a
+`PartFilesSink`, which compose's sink shares) writes those rows as Parquet files under
+`{output}/results/{run_id}/`, named so that no execution of the plan ever replaces another's
+file. Both write atomically, so a crash leaves whole files or none, and no result row points
+at a missing image.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -97,8 +99,9 @@ def write_images(batch: pa.Table, config: RunConfig, schema: pa.Schema) -> pa.Ta
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-class ResultsSink(Datasink[int]):
-    """One Parquet file per write task, written atomically (Ray's own Parquet writer is not).
+class PartFilesSink(Datasink[int]):
+    """Parquet files, one per write task and folder, written atomically (Ray's own Parquet
+    writer is not); subclasses say which rows go to which folder (`route`).
 
     Files are named `part-{attempt}-{task:06d}.parquet`. `attempt` is drawn afresh for each
     execution of the plan, so running again with a used run id (a retried schedule, a resume
@@ -107,10 +110,11 @@ class ResultsSink(Datasink[int]):
     own name, replacing its own file instead of adding a second copy of its rows.
     """
 
-    def __init__(self, directory: str, config: RunConfig) -> None:
-        self.directory = directory
-        self.storage_options = config.storage_options
-        self.rows_per_file = config.results_rows_per_file
+    what = "file"  # how the one-line error names a file it cannot write
+
+    def __init__(self, storage_options: dict[str, Any], rows_per_file: int) -> None:
+        self.storage_options = storage_options
+        self.rows_per_file = rows_per_file
         self.attempt = uuid.uuid4().hex[:12]
 
     @property
@@ -122,20 +126,40 @@ class ResultsSink(Datasink[int]):
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
+    def route(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
+        """(folder, rows as they are to be written) pairs for one task's rows."""
+        raise NotImplementedError
+
     def write(self, blocks: Iterable[Block], ctx: TaskContext) -> int:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [table for table in tables if table.num_rows]
         if not tables:
             return 0
         table = pa.concat_tables(tables)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        uri = join(self.directory, f"{self.file_prefix}{ctx.task_idx:06d}.parquet")
-        try:
-            write_atomic(uri, buffer.getvalue(), self.storage_options)
-        except OSError as exc:  # dooms the run: say which file and why, in one line
-            raise StorageError(f"cannot write results file {uri}: {describe(exc)}") from None
+        for directory, rows in self.route(table):
+            if not rows.num_rows:
+                continue
+            buffer = io.BytesIO()
+            pq.write_table(rows, buffer, compression="zstd")
+            uri = join(directory, f"{self.file_prefix}{ctx.task_idx:06d}.parquet")
+            try:
+                write_atomic(uri, buffer.getvalue(), self.storage_options)
+            except OSError as exc:  # dooms the run: say which file and why, in one line
+                raise StorageError(f"cannot write {self.what} {uri}: {describe(exc)}") from None
         return table.num_rows
+
+
+class ResultsSink(PartFilesSink):
+    """Every results row of a task into `{output}/results/{run_id}/`."""
+
+    what = "results file"
+
+    def __init__(self, directory: str, config: RunConfig) -> None:
+        super().__init__(config.storage_options, config.results_rows_per_file)
+        self.directory = directory
+
+    def route(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
+        return [(self.directory, table)]
 
     def get_name(self) -> str:
         return "Results"

@@ -98,17 +98,29 @@ def test_nodes_install_this_project() -> None:
     assert 'name = "harmonize-pipeline"' in (REPO / "pyproject.toml").read_text()
 
     def installs(commands: list[str]) -> bool:
-        return any(re.search(r"pip install .*-e ~/harmonize\b", cmd) for cmd in commands)
+        """The tested pins first (deploy/lock.sh), then the project without resolving again."""
+        pins = [
+            i
+            for i, c in enumerate(commands)
+            if "pip install" in c and "-r ~/harmonize/deploy/runtime-requirements.txt" in c
+        ]
+        project = [i for i, c in enumerate(commands)
+                   if re.search(r"pip install .*--no-deps -e ~/harmonize\b", c)]  # fmt: skip
+        return bool(pins and project and pins[0] < project[0])
 
     assert installs(config["setup_commands"])
     # prepare_config merged them into what the head and the workers actually run.
     assert installs(config["head_setup_commands"])
     assert installs(config["worker_setup_commands"])
 
+    assert (REPO / "deploy" / "runtime-requirements.txt").is_file()
+    # Ray runs from the venv that holds the pins, so the driver and the workers use them.
     assert any(
-        "--autoscaling-config=~/ray_bootstrap_config.yaml" in c
+        "~/venv/bin/ray start --head" in c
+        and "--autoscaling-config=~/ray_bootstrap_config.yaml" in c
         for c in config["head_start_ray_commands"]
     )
+    assert all("~/venv/bin/ray" in c for c in config["worker_start_ray_commands"] if "ray " in c)
     assert any("--address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
 
 

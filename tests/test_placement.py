@@ -164,7 +164,7 @@ def test_device_cuda_without_gpus_fails_before_any_model_loads(
 
 
 def _free_ports(count: int) -> list[int]:
-    from test_job_submit import free_ports
+    from ray_head import free_ports
 
     return free_ports(count)
 

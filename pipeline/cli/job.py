@@ -1,4 +1,4 @@
-"""`harmonize run`, `demo`, `runs` and `schema`: the pipeline's job, and what describes it.
+"""`harmonize run`, `runs` and `schema`: the pipeline's job, and what describes it.
 
 Enters: the run's options (`harmonize run --help`; jobs/harmonize.py passes the same), a demo
 folder, an output prefix.
@@ -9,11 +9,10 @@ runs under an output; the manifest and results schemas with their column descrip
 
 from __future__ import annotations
 
-import shutil
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -49,6 +48,9 @@ from pipeline.cli.options import (
     with_storage_options,
 )
 from pipeline.config import ModelConfig, RunConfig
+
+if TYPE_CHECKING:  # Ray is imported only when a job runs, after cli/app.py set its auth mode
+    from pipeline.console import Console, RunLog
 
 
 @app.command("run")
@@ -105,24 +107,34 @@ def run_command(
 
 
 def run_and_report(config: RunConfig, verbose: bool = False) -> None:
-    """Run with the console a person reads: the header, one progress bar, the summary; Ray's
-    own logs in the run's log file (and on the console with `verbose`). A run that cannot start
-    or whose storage fails is one line."""
-    from pipeline.console import Console, RunLog, log_uri
-    from pipeline.placement import PlacementError
-    from pipeline.preflight import PreflightError, storage_failure
+    """Run the pipeline with its console and print its summary (see `run_job`)."""
+    from pipeline.console import RunLog, log_uri
     from pipeline.run import run
     from pipeline.storage import absolute
-    from schemas.manifest import ManifestError
 
     config = replace(config, output=absolute(config.output), log_to_driver=verbose)
-    run_log = RunLog(log_uri(config.output, config.run_id), config.storage_options, verbose)
-    console = Console(run_log, show_progress=config.show_progress)
+    run_job(
+        lambda console: run(config, console),
+        RunLog(log_uri(config.output, config.run_id), config.storage_options, verbose),
+        config.show_progress,
+    )
+
+
+def run_job(job: Callable[[Console], Any], run_log: RunLog, show_progress: bool = True) -> None:
+    """Run a Ray job with the console a person reads (`job(console)` prints the header, draws
+    the progress bar and returns a summary with `text()`), Ray's own logs in `run_log` (and on
+    the console with `run_log.verbose`), and print its summary. A job that cannot start, or
+    whose storage fails, is one line."""
+    from pipeline.console import Console
+    from pipeline.placement import PlacementError
+    from pipeline.preflight import PreflightError, storage_failure
+    from schemas.manifest import ManifestError
+
     refused = (ManifestError, PreflightError, PlacementError)  # found before any work
     try:
         with run_log.active():
             try:
-                summary = run(config, console)
+                summary = job(Console(run_log, show_progress=show_progress))
             except refused:
                 run_log.discard()
                 raise
@@ -132,45 +144,11 @@ def run_and_report(config: RunConfig, verbose: bool = False) -> None:
         line = storage_failure(exc)
         if line is None:
             raise
-        if verbose:
+        if run_log.verbose:
             traceback.print_exception(exc)
         fail(line, 1)
     # Per-sample errors are results (status = error), not a failed run: the exit code stays 0.
     typer.echo(summary.text())
-
-
-@app.command("demo")
-def demo_command(
-    root: Annotated[Path, typer.Option(help="Where to build the demo dataset.")] = Path(
-        "demo_data"
-    ),
-    output: Annotated[Path, typer.Option(help="Where to write the demo run's outputs.")] = Path(
-        "demo_output"
-    ),
-    model: ModelArg = MODEL.name,
-    model_dir: ModelDirArg = MODEL.model_dir,
-    build_only: Annotated[bool, typer.Option(help="Only build the dataset.")] = False,
-    verbose: VerboseArg = False,
-) -> None:
-    """Build the bundled demo dataset (scikit-image photos) and harmonize it on local Ray.
-
-    The previous demo output, if any, is replaced.
-    """
-    from pipeline.datasets.demo import build_demo
-
-    with checked_config():
-        model_config = ModelConfig(name=model, model_dir=model_dir)
-    manifest = build_demo(str(root.resolve()))
-    if build_only:
-        typer.echo(f"demo dataset: {manifest}")
-        return
-    if output.exists():  # the demo starts afresh; a re-run would skip every done sample
-        shutil.rmtree(output)
-    # A Ray of its own, as the demo says: not whatever cluster this machine happens to run.
-    config = RunConfig(
-        manifest=manifest, output=str(output.resolve()), model=model_config, ray_address="local"
-    )
-    run_and_report(config, verbose)
 
 
 @app.command("runs")
@@ -193,10 +171,21 @@ def runs_command(output: OutputArg, *, storage_options: dict[str, Any]) -> None:
 
 @app.command("schema")
 def schema_command() -> None:
-    """Print the manifest and results schemas with column descriptions."""
+    """Print the manifest and results schemas, and compose's, with column descriptions."""
     from schemas import MANIFEST_SCHEMA, RESULTS_SCHEMA
+    from schemas.compose import (
+        BACKGROUNDS_SCHEMA,
+        COMPOSE_ERROR_SCHEMA,
+        COMPOSITE_SCHEMA,
+        OBJECTS_SCHEMA,
+    )
 
-    for title, schema in (("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA)):
+    for title, schema in (
+        ("manifest", MANIFEST_SCHEMA), ("results", RESULTS_SCHEMA),
+        ("compose objects", OBJECTS_SCHEMA), ("compose backgrounds", BACKGROUNDS_SCHEMA),
+        ("composite manifest (compose's manifest/)", COMPOSITE_SCHEMA),
+        ("compose errors (compose's errors/)", COMPOSE_ERROR_SCHEMA),
+    ):  # fmt: skip
         typer.echo(f"{title}:")
         for field in schema:
             description = (field.metadata or {}).get(b"description", b"").decode()

@@ -145,10 +145,15 @@ def report_command(
     params_hash: ParamsHashArg = None,
     thumbnail_size: Annotated[int, typer.Option(help="Longest thumbnail side in px.")] = 192,
     max_pixels: MaxPixelsArg = RUN["max_pixels"],
+    sheet: Annotated[
+        int,
+        typer.Option(help="Contact sheet: this many samples' composite and harmonized output."),
+    ] = 0,
     *,
     storage_options: dict[str, Any],
 ) -> None:
-    """One self-contained HTML page: metric histograms, best / worst / random thumbnails."""
+    """One self-contained HTML page: metric histograms, best / worst / random thumbnails, and
+    with --sheet a before/after contact sheet."""
     from pipeline.results import ResultsError
     from pipeline.tools.report import build_report
 
@@ -156,6 +161,7 @@ def report_command(
         summary = build_report(
             results, out, storage_options, metric=metric, count=count, seed=seed, where=where,
             params_hash=params_hash, thumbnail_size=thumbnail_size, max_pixels=max_pixels,
+            sheet=sheet,
         )  # fmt: skip
     except ResultsError as exc:
         fail(exc, 2)

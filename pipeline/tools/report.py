@@ -7,7 +7,8 @@ the run's counts and per-metric quantiles, a histogram of each metric (inline SV
 there is ground truth a scatter of composite MSE against output MSE (points above the
 diagonal got worse), and composite / harmonized / mask (/ real) thumbnails with the
 difference |harmonized - composite| amplified (JPEG as base64 data URIs) of the best, the
-worst and a random sample by the ranking metric.
+worst and a random sample by the ranking metric; with `sheet`, a contact sheet: the first
+`sheet` samples by id, each composite next to its harmonized output.
 
 This module gathers what the page shows: aggregates and picks computed by DuckDB over the
 results (`pipeline.results`, `pipeline.tools.stats`), and the thumbnails of the picked samples
@@ -200,6 +201,7 @@ def build_report(
     thumbnail_size: int = 192,
     workers: int = 16,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    sheet: int = 0,
 ) -> ReportSummary:
     """Write the report page to `out`; see the top of the file. Images over `max_pixels` are
     refused from their header and shown as a red box naming the cause."""
@@ -218,9 +220,20 @@ def build_report(
         metric = next((m for m in DEFAULT_RANKING if stats.metrics.get(m, {}).get("count")), None)
     histograms = _histograms(results, where)
     sections = _picks(results, metric, max(1, count), seed, where)
+    sheet_rows = []
+    if sheet > 0:
+        ranked = f", {quote_identifier(metric)}" if metric else ""
+        sheet_rows = results.query(
+            f"SELECT sample_id, composite_uri, output_uri{ranked} FROM current WHERE {{where}} "
+            f"ORDER BY sample_id LIMIT {int(sheet)}",
+            where,
+        ).to_pylist()
 
     # Fetch each picked sample's images once (a sample can be in several sections).
     wanted: dict[tuple[str, str], str] = {}
+    for row in sheet_rows:
+        wanted[(row["sample_id"], "composite")] = row["composite_uri"]
+        wanted[(row["sample_id"], "harmonized")] = row["output_uri"]
     for _, rows in sections:
         for row in rows:
             for column, kind in IMAGE_KINDS:
@@ -268,11 +281,14 @@ def build_report(
             errors = {kind: loaded[(sid, kind)][1] or "" for kind in kinds}
             body.append(report_page.sample_html(row, images, errors, metric, results.metrics))
 
+    sheet_html = ""
+    if sheet_rows:
+        sheet_html = report_page.sheet_html(sheet_rows, loaded, metric, stats.samples)
     page = report_page.render(
         results_uri=results.uri, model=results.model, params_hash=results.params_hash,
         where=where, stats=stats, histograms=histograms,
         points=_scatter_points(results, where, SCATTER_LIMIT), point_limit=SCATTER_LIMIT,
-        metric=metric, body=body,
+        metric=metric, body=body, sheet=sheet_html,
     )  # fmt: skip
     data = page.encode()
     out = absolute(out)

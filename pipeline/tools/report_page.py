@@ -48,6 +48,7 @@ th:first-child,td:first-child{text-align:left}
 .sample{border:1px solid #ddd;margin:8px 0;padding:8px}
 .thumbs{display:flex;gap:8px;flex-wrap:wrap}figure{margin:0}
 figcaption{font-size:12px;color:#555}.meta{font-size:13px;margin-bottom:4px}
+.sheet{display:flex;flex-wrap:wrap;gap:8px}.pair img{display:inline-block;margin-right:2px}
 .missing{width:160px;height:120px;background:#fee;color:#a00;font-size:12px;padding:4px;
 overflow:hidden}.note{color:#555}code{background:#f4f4f4;padding:0 3px}
 """
@@ -209,6 +210,38 @@ def sample_html(
     )
 
 
+def sheet_html(
+    rows: list[dict[str, Any]],
+    loaded: dict[tuple[str, str], tuple],
+    metric: str | None,
+    samples: int,
+) -> str:
+    """The contact sheet: per sample, its composite and its harmonized output side by side."""
+    cells = []
+    for row in rows:
+        sid = row["sample_id"]
+        pictures = []
+        for kind in ("composite", "harmonized"):
+            image, error, _ = loaded[(sid, kind)]
+            pictures.append(
+                f'<img src="{image}" alt="{kind} of {esc(sid)}">'
+                if image
+                else f'<div class="missing">{kind} not shown: {esc(error)}</div>'
+            )
+        value = row.get(metric) if metric else None
+        caption = esc(sid) + (
+            f": {esc(metric)} {esc(format_number(value))}" if value is not None else ""
+        )
+        cells.append(
+            f'<figure class="pair" data-pair-id="{esc(sid)}">{"".join(pictures)}'
+            f"<figcaption>{caption} (composite, harmonized)</figcaption></figure>"
+        )
+    return (
+        f'<h2>Before / after</h2><p class="note">{len(rows)} of {samples} samples, by '
+        f'sample_id</p><div class="sheet">{"".join(cells)}</div>'
+    )
+
+
 def render(
     *,
     results_uri: str,
@@ -221,8 +254,10 @@ def render(
     point_limit: int,
     metric: str | None,
     body: list[str],
+    sheet: str = "",
 ) -> str:
-    """The whole page; `body` holds each section's title and samples, already rendered."""
+    """The whole page; `body` holds each section's title and samples, `sheet` the contact
+    sheet (or nothing), already rendered."""
     ranking = ""
     if metric is not None:
         ranking = f" by <code>{esc(metric)}</code> ({esc(direction(metric))})"
@@ -254,6 +289,7 @@ generated {now}</p>
 {absent}
 {histograms_html(histograms, stats)}
 {scatter_html(points, point_limit)}
+{sheet}
 <h2>Samples{ranking}</h2>
 {"".join(body)}
 </body></html>
