@@ -413,8 +413,8 @@ class Console:
         if progress is not None:
             ReportProgress.current, ReportProgress.broken = progress, False
             context.custom_execution_callback_classes = [*callbacks, ReportProgress]
-        try:
-            with false_alarm_to_log():
+        try:  # --verbose: every line of Ray's as it came
+            with contextlib.nullcontext() if self.log.verbose else false_alarm_to_log():
                 yield
         finally:
             context.custom_execution_callback_classes = callbacks
