@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -156,3 +157,20 @@ def test_progress_lines_without_a_terminal() -> None:
     lines = out.getvalue().splitlines()
     assert [PROGRESS.match(line).group(1) for line in lines] == ["0", "4", "8"]  # type: ignore[union-attr]
     assert "ETA" in lines[1] and "images/s" in lines[1]
+
+
+def test_token_auth_made_explicit_only_for_a_cluster_of_our_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Said explicitly where Ray would pick token auth itself (no RAY_ADDRESS: a local
+    cluster); left to the cluster under `ray job submit` / a RayJob, whose RAY_ADDRESS is set
+    and whose cluster may run without authentication."""
+    runner = CliRunner()
+    monkeypatch.setenv("RAY_AUTH_MODE", "unset below")  # records the state to restore
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert runner.invoke(app, ["schema"]).exit_code == 0
+    assert "RAY_AUTH_MODE" not in os.environ
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert runner.invoke(app, ["schema"]).exit_code == 0
+    assert os.environ["RAY_AUTH_MODE"] == "token"

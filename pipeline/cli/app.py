@@ -34,8 +34,11 @@ app.add_typer(manifest_app, name="manifest")
 def _before_any_command() -> None:
     """Ray 2.60 turns token authentication on for a local cluster it starts, and warns that it
     did whenever RAY_AUTH_MODE is unset; it says nothing when the mode is set. The same choice,
-    made explicit, before anything imports Ray (Ray reads it once, at import)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    made explicit, before anything imports Ray (Ray reads it once, at import). Not for a job
+    Ray started (`ray job submit`, a RayJob: RAY_ADDRESS is set): there Ray follows the
+    cluster's own mode, which may be no authentication at all."""
+    if "RAY_ADDRESS" not in os.environ:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def fail(exc: Exception | str, code: int) -> NoReturn:
