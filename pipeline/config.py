@@ -20,6 +20,7 @@ class ModelEntry(NamedTuple):
     location: str  # "module:Class"
     description: str
     needs_model_dir: bool = False  # weights read from `--model-dir`
+    slow_on_cpu: bool = False  # a run on CPU only is worth a warning
 
 
 # The harmonizers `--model` names, the one list of them (`pipeline.models.load_harmonizer`
@@ -27,7 +28,10 @@ class ModelEntry(NamedTuple):
 MODELS: dict[str, ModelEntry] = {
     "reinhard": ModelEntry("pipeline.models.reinhard:ReinhardHarmonizer", "classical baseline"),
     "diffharmony": ModelEntry(
-        "pipeline.models.diffharmony:DiffHarmonyHarmonizer", "two-stage diffusion model", True
+        "pipeline.models.diffharmony:DiffHarmonyHarmonizer",
+        "two-stage diffusion model",
+        needs_model_dir=True,
+        slow_on_cpu=True,
     ),
     "identity": ModelEntry(
         "pipeline.models.reinhard:IdentityHarmonizer", "no change; I/O benchmark"
@@ -160,6 +164,9 @@ class RunConfig:
     # The harmony classifier's weights (folder path or URI, or a local file): an
     # `unharmony_prob` on every ok row. Pickles follow `model.allow_unsafe_pickle`.
     classifier: str | None = None
+    # Ray's `ray.init(log_to_driver=…)`: the workers' output on the driver's console too (the
+    # command line turns it off unless --verbose; Ray's session folder keeps it either way).
+    log_to_driver: bool = True
 
     def __post_init__(self) -> None:
         _one_of("image_format", self.image_format, get_args(ImageFormat))

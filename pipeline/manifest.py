@@ -16,6 +16,7 @@ and the files.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ class Manifest:
     num_rows: int
     # The first row's input image (composite forward, real inverse) as written (for preflight).
     first_composite: str | None = None
+    sample_ids: pa.Array | None = dataclasses.field(
+        default=None, repr=False
+    )  # read for the validation
 
     @property
     def first_composite_uri(self) -> str | None:
@@ -176,4 +180,6 @@ def _open_manifest(uri: str, storage_options: dict[str, Any], direction: str) ->
     keys_table = pa.concat_tables(tables)
     validate_manifest(keys_table, [(n, len(t)) for n, t in zip(names, tables)], direction)
     first = keys_table[INPUT_COLUMN[direction]][0].as_py() if keys_table.num_rows else None
-    return Manifest(uri, files, base_dir, schema, keys_table.num_rows, first)
+    return Manifest(
+        uri, files, base_dir, schema, keys_table.num_rows, first, keys_table["sample_id"]
+    )

@@ -1,7 +1,8 @@
 """Where a job runs: the Ray cluster it attaches to, and where the harmonizer actors run,
 decided from the cluster, never from the driver's machine.
 
-Enters: for `init_ray`, a job config's cluster options (address, CPUs, object store); what
+Enters: for `init_ray`, a job config's cluster options (address, CPUs, object store, whether
+the workers' output reaches the driver's console); what
 the user asked (`--device auto|cuda|cpu`, `--concurrency`, `--gpus-per-actor`) and what the
 cluster offers (`ClusterGPUs`: GPU resources of the alive nodes, and the most its autoscaler
 can add where it reports its node types); for `check_paths_reachable`, the local paths a run
@@ -34,6 +35,7 @@ class ClusterOptions(Protocol):
     ray_address: str | None  # None: attach to a running cluster, else start one; "local": start
     num_cpus: int | None
     object_store_memory: int | None
+    log_to_driver: bool  # Ray's switch: the workers' output on the driver's console too
 
 
 class PlacementError(ValueError):
@@ -203,15 +205,18 @@ def init_ray(config: ClusterOptions) -> None:
     Sizing is passed only when starting a local cluster: `ray.init(num_cpus=…)` raises when it
     connects to an existing one. Local clusters get more logical CPUs than cores, so that the
     I/O stages and the actor pool cannot deadlock waiting for each other on small machines.
+    `log_to_driver` (Ray's own switch): the workers' output on this console, or only in Ray's
+    session folder.
     """
     if ray.is_initialized():
         return
+    options = {"log_to_driver": config.log_to_driver}
     if config.ray_address not in (None, "local"):
-        ray.init(address=config.ray_address)
+        ray.init(address=config.ray_address, **options)
         return
     if config.ray_address is None:
         try:
-            ray.init(address="auto")
+            ray.init(address="auto", **options)
             return
         except ConnectionError:
             pass
@@ -219,4 +224,5 @@ def init_ray(config: ClusterOptions) -> None:
         address="local",
         num_cpus=config.num_cpus or max(4, 2 * (os.cpu_count() or 1)),
         object_store_memory=config.object_store_memory,
+        **options,
     )

@@ -2,10 +2,10 @@
 
 Enters: a `RunConfig`.
 Leaves: `{output}/images/…` (one image per ok sample), `{output}/results/{run_id}/*.parquet`
-(one row per sample processed by this run), and a `RunSummary`.
+(one row per sample processed by this run), `{output}/logs/{run_id}.log` (Ray's own logs,
+when the command line's console runs it), and a `RunSummary`.
 
     read_parquet(manifest)                       rows
-    → map_batches(expand_variants)    (fused)    inverse runs: a row per variant
     → map_batches(expand_variants)    (fused)    inverse runs: a row per variant
     → map_batches(drop_done)          (fused)    rows not yet done with these parameters
     → repartition(16 rows per block)  streaming  parallel fetch tasks, steady flow
@@ -23,6 +23,7 @@ counts only those.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -34,7 +35,8 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline import preflight
-from pipeline.config import RunConfig
+from pipeline.config import MODELS, RunConfig
+from pipeline.console import Console
 from pipeline.fetch import fetch_and_decode
 from pipeline.harmonize import HarmonizeActor, check_device, load_classifier, params_hash
 from pipeline.manifest import Manifest, open_manifest
@@ -82,8 +84,11 @@ def place(config: RunConfig) -> tuple[RunConfig, Placement]:
     check_paths_reachable(paths, config.output)
     log.info("placement: %s", placement.describe())
     if config.model.device == "auto" and placement.device == "cpu":
-        log.warning(
-            "this Ray cluster has no GPU: the model runs on CPU (--device cuda requires one)"
+        # Worth a warning only for a model that is slow on a CPU; the others run there anyway.
+        slow = MODELS[config.model.name].slow_on_cpu
+        log.log(
+            logging.WARNING if slow else logging.INFO,
+            "this Ray cluster has no GPU: the model runs on CPU (--device cuda requires one)",
         )
     if placement.min_actors < placement.max_actors:
         log.warning(
@@ -120,6 +125,18 @@ def probe_params_hash(config: RunConfig, placement: Placement) -> str:
         # its cause says it in one line.
         cause = getattr(exc, "cause", exc)
         raise type(cause)(str(cause)) from None
+
+
+def rows_to_do(config: RunConfig, manifest: Manifest, done: pa.Array) -> int:
+    """The rows this run makes (a row per variant in inverse runs): the progress bar's total."""
+    ids = manifest.sample_ids
+    if ids is None:
+        return manifest.num_rows
+    if config.model.direction == "inverse":
+        ids = expand_variants(pa.table({"sample_id": ids}), config.variants)["sample_id"]
+    if len(done) == 0:
+        return len(ids)
+    return len(ids) - int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
 
 
 def build_dataset(
@@ -283,8 +300,11 @@ def summarize(config: RunConfig, seconds: float, skipped: int, file_prefix: str)
     )
 
 
-def run(config: RunConfig) -> RunSummary:
-    """Validate the manifest, run the Ray graph, write the results, summarize."""
+def run(config: RunConfig, console: Console | None = None) -> RunSummary:
+    """Validate the manifest, run the Ray graph, write the results, summarize.
+
+    `console` (the command line's): a header once the manifest is read, and one progress bar
+    instead of Ray Data's while the graph runs."""
     # Workers run in other folders, and results name their images: a local relative output
     # becomes absolute here, once.
     config = replace(config, output=absolute(config.output))
@@ -292,6 +312,12 @@ def run(config: RunConfig) -> RunSummary:
     manifest = open_manifest(config.manifest, config.storage_options, config.model.direction)
     preflight.check(config, manifest.first_composite_uri)  # storage, output: before any model
     log.info("manifest %s: %d samples", manifest.uri, manifest.num_rows)
+    if console is not None:
+        console.header(
+            f"harmonize run {config.run_id}: {manifest.num_rows} samples of {manifest.uri}, "
+            f"model {config.model.name} -> {config.output}"
+        )
+        config = replace(config, show_progress=False)  # the console draws the one bar
     init_ray(config)
     config, placement = place(config)  # fails here, before any model loads
     start = time.perf_counter()
@@ -300,7 +326,11 @@ def run(config: RunConfig) -> RunSummary:
     done = done_sample_ids(
         config.output, config.storage_options, probe_params_hash(config, placement)
     )
-    dataset = build_dataset(config, manifest, placement, done)
+    to_do = rows_to_do(config, manifest, done)
+    log.info("%d samples to do, %d done earlier with the same parameters", to_do, len(done))
     sink = ResultsSink(run_folder(config.output, config.run_id), config)
-    dataset.write_datasink(sink)
+    # The callback that counts progress is read from the DataContext when the plan is built.
+    with console.executing(to_do) if console else contextlib.nullcontext():
+        dataset = build_dataset(config, manifest, placement, done)
+        dataset.write_datasink(sink)
     return summarize(config, time.perf_counter() - start, len(done), sink.file_prefix)

@@ -326,3 +326,20 @@ def test_inverse_and_classifier_on_s3(
     assert "3 samples, 3 ok, 0 error" in forward
     table = invoke("evaluate", "--results", f"s3://{s3_bucket}/harmonized")
     assert "iHarmony4 evaluation of 3 outputs" in table
+
+
+def test_progress_total_counts_variants_and_skips_done_ones(tmp_path: Path) -> None:
+    """The progress bar's total: a row per variant, less the variants done earlier."""
+    from pipeline.config import RunConfig
+    from pipeline.manifest import Manifest
+    from pipeline.run import rows_to_do
+
+    ids = pa.array(["a", "b", "c"])
+    manifest = Manifest("m", ["m"], "", pa.schema([]), 3, None, ids)
+    inverse = ModelConfig(name="diffharmony", model_dir=str(tmp_path), direction="inverse",
+                          refine=False)  # fmt: skip
+    config = RunConfig(manifest="m", output=str(tmp_path), model=inverse, variants=4)
+    assert rows_to_do(config, manifest, pa.array([], pa.string())) == 12
+    assert rows_to_do(config, manifest, pa.array(["a__v0", "a__v3", "x__v0", "a"])) == 10
+    forward = RunConfig(manifest="m", output=str(tmp_path))
+    assert rows_to_do(forward, manifest, pa.array(["a", "zz"])) == 2

@@ -8,6 +8,7 @@ an error as one red line and an exit code, never a traceback for what a user can
 from __future__ import annotations
 
 import logging
+import os
 from typing import NoReturn
 
 import typer
@@ -27,6 +28,17 @@ manifest_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(manifest_app, name="manifest")
+
+
+@app.callback()
+def _before_any_command() -> None:
+    """Ray 2.60 turns token authentication on for a local cluster it starts, and warns that it
+    did whenever RAY_AUTH_MODE is unset; it says nothing when the mode is set. The same choice,
+    made explicit, before anything imports Ray (Ray reads it once, at import). Not for a job
+    Ray started (`ray job submit`, a RayJob: RAY_ADDRESS is set): there Ray follows the
+    cluster's own mode, which may be no authentication at all."""
+    if "RAY_ADDRESS" not in os.environ:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def fail(exc: Exception | str, code: int) -> NoReturn:

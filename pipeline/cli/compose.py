@@ -10,6 +10,7 @@ samples had to be left out; a job that cannot start, or whose storage fails, as 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
 import typer
@@ -108,6 +109,8 @@ def compose_command(
     """
     from pipeline.compose.inputs import ComposeConfig
     from pipeline.compose.job import compose
+    from pipeline.console import RunLog, log_uri
+    from pipeline.storage import absolute
 
     rules = LayoutRules(
         per_background=per_background, min_objects=min_objects, max_objects=max_objects,
@@ -122,7 +125,9 @@ def compose_command(
         storage_options=storage_options, ray_address=ray_address, num_cpus=num_cpus,
         show_progress=progress, **({"run_id": run_id} if run_id else {}),
     )  # fmt: skip
-    run_job(lambda: compose(config), verbose)
+    config = dataclasses.replace(config, output=absolute(config.output), log_to_driver=verbose)
+    log = RunLog(log_uri(config.output, config.run_id), config.storage_options, verbose)
+    run_job(lambda console: compose(config, console), log, config.show_progress)
 
 
 @app.command("export")

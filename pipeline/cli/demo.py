@@ -17,7 +17,7 @@ import typer
 from pipeline.cli.app import app
 from pipeline.cli.compose import compose_command, export_command
 from pipeline.cli.job import run_and_report
-from pipeline.cli.options import MODEL, ModelArg, ModelDirArg, checked_config
+from pipeline.cli.options import MODEL, ModelArg, ModelDirArg, VerboseArg, checked_config
 from pipeline.cli.tools import report_command
 from pipeline.config import ModelConfig, RunConfig
 
@@ -42,6 +42,7 @@ def demo_command(
             "report with a before/after contact sheet.",
         ),
     ] = False,
+    verbose: VerboseArg = False,
 ) -> None:
     """Build the bundled demo dataset (scikit-image photos) and harmonize it on local Ray.
 
@@ -52,18 +53,24 @@ def demo_command(
     with checked_config():
         model_config = ModelConfig(name=model, model_dir=model_dir)
     if copy_paste:
-        copy_paste_demo(root, output, model_config, build_only)
+        copy_paste_demo(root, output, model_config, build_only, verbose)
         return
     manifest = build_demo(str(root.resolve()))
-    typer.echo(f"demo dataset: {manifest}")
     if build_only:
+        typer.echo(f"demo dataset: {manifest}")
         return
     if output.exists():  # the demo starts afresh; a re-run would skip every done sample
         shutil.rmtree(output)
-    run_and_report(RunConfig(manifest=manifest, output=str(output.resolve()), model=model_config))
+    # A Ray of its own, as the demo says: not whatever cluster this machine happens to run.
+    config = RunConfig(
+        manifest=manifest, output=str(output.resolve()), model=model_config, ray_address="local"
+    )
+    run_and_report(config, verbose)
 
 
-def copy_paste_demo(root: Path, output: Path, model: ModelConfig, build_only: bool) -> None:
+def copy_paste_demo(
+    root: Path, output: Path, model: ModelConfig, build_only: bool, verbose: bool = False
+) -> None:
     """`harmonize demo --copy-paste`: the README's copy-paste recipe, command for command, on
     the bundled photos."""
     from pipeline.datasets.copy_paste import (
@@ -86,14 +93,14 @@ def copy_paste_demo(root: Path, output: Path, model: ModelConfig, build_only: bo
         per_background=rules.per_background, min_objects=rules.min_objects,
         max_objects=rules.max_objects, scale=rules.scale, position=rules.position,
         horizon=rules.horizon, max_overlap=rules.max_overlap, progress=False,
-        storage_option=[], endpoint_url=None,
+        ray_address="local", verbose=verbose, storage_option=[], endpoint_url=None,
     )  # fmt: skip
     typer.echo("\n$ harmonize run ...")
     harmonized = RunConfig(
         manifest=str(out / "composed" / "manifest"), output=str(out / "harmonized"), model=model,
-        show_progress=False,
+        show_progress=False, ray_address="local",
     )  # fmt: skip
-    run_and_report(harmonized)
+    run_and_report(harmonized, verbose)  # on the Ray that compose started
     typer.echo(f'\n$ harmonize export --where "{RECIPE_FILTER}" ...')
     try:
         export_command(results=str(out / "harmonized"), where=RECIPE_FILTER,

@@ -9,11 +9,10 @@ runs under an output; the manifest and results schemas with their column descrip
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import traceback
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -53,6 +52,9 @@ from pipeline.cli.options import (
     with_storage_options,
 )
 from pipeline.config import ModelConfig, RunConfig
+
+if TYPE_CHECKING:  # Ray is imported only when a job runs, after cli/app.py set its auth mode
+    from pipeline.console import Console, RunLog
 
 
 @app.command("run")
@@ -115,56 +117,50 @@ def run_command(
 
 
 def run_and_report(config: RunConfig, verbose: bool = False) -> None:
-    """Run the pipeline and print its summary (see `run_job`)."""
+    """Run the pipeline with its console and print its summary (see `run_job`)."""
+    from pipeline.console import RunLog, log_uri
     from pipeline.run import run
+    from pipeline.storage import absolute
 
-    run_job(lambda: run(config), verbose)
+    config = replace(config, output=absolute(config.output), log_to_driver=verbose)
+    run_job(
+        lambda console: run(config, console),
+        RunLog(log_uri(config.output, config.run_id), config.storage_options, verbose),
+        config.show_progress,
+    )
 
 
-def run_job(job: Callable[[], Any], verbose: bool = False) -> None:
-    """Run a Ray job (`job()` returns a summary with `text()`) and print its summary; a job
-    that cannot start, or whose storage fails, is one line."""
+def run_job(job: Callable[[Console], Any], run_log: RunLog, show_progress: bool = True) -> None:
+    """Run a Ray job with the console a person reads (`job(console)` prints the header, draws
+    the progress bar and returns a summary with `text()`), Ray's own logs in `run_log` (and on
+    the console with `run_log.verbose`), and print its summary. A job that cannot start, or
+    whose storage fails, is one line."""
+    from pipeline.console import Console
     from pipeline.models.layout import ModelDirError
     from pipeline.placement import PlacementError
     from pipeline.preflight import PreflightError, storage_failure
     from schemas.manifest import ManifestError
 
-    try:
-        with contextlib.nullcontext() if verbose else _quiet_ray_data_errors():
-            summary = job()
     # Found before any work: a bad manifest, storage, placement or model directory.
-    except (ManifestError, PreflightError, PlacementError, ModelDirError) as exc:
+    refused = (ManifestError, PreflightError, PlacementError, ModelDirError)
+    try:
+        with run_log.active():
+            try:
+                summary = job(Console(run_log, show_progress=show_progress))
+            except refused:
+                run_log.discard()
+                raise
+    except refused as exc:
         fail(exc, 2)
     except Exception as exc:  # storage failing mid-run (disk full, access revoked): one line
         line = storage_failure(exc)
         if line is None:
             raise
-        if verbose:
+        if run_log.verbose:
             traceback.print_exception(exc)
         fail(line, 1)
     # Per-sample errors are results (status = error), not a failed run: the exit code stays 0.
     typer.echo(summary.text())
-
-
-@contextlib.contextmanager
-def _quiet_ray_data_errors() -> Iterator[None]:
-    """Keep Ray Data's error records (a failed run's traceback, a plea to report a Ray bug) off
-    the console: the run command says what failed in one line, and the records still go to
-    Ray Data's log file in the session folder. `--verbose` keeps them."""
-    from ray.data._internal.logging import SessionFileHandler  # Ray Data's own log file
-
-    def below_error(record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
-
-    consoles = [h for h in logging.getLogger("ray.data").handlers
-                if not isinstance(h, SessionFileHandler)]  # fmt: skip
-    for handler in consoles:
-        handler.addFilter(below_error)
-    try:
-        yield
-    finally:
-        for handler in consoles:
-            handler.removeFilter(below_error)
 
 
 @app.command("runs")

@@ -242,7 +242,20 @@ PickleArg = Annotated[
     ),
 ]
 ProgressArg = Annotated[
-    bool, typer.Option("--progress/--no-progress", help="Show Ray Data's progress bars.")
+    bool,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Show the progress bar (samples done, images/s, ETA; a line every few seconds "
+        "where the output is not a terminal).",
+    ),
+]
+VerboseArg = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Ray's own INFO logs and its workers' output on the console too (they always go "
+        "to the run's log, {output}/logs/{run_id}.log); a failed run's whole traceback.",
+    ),
 ]
 NumCpusArg = Annotated[
     int | None,
@@ -254,9 +267,6 @@ RayAddressArg = Annotated[
         help="Ray cluster to use: default attaches to a running one (RAY_ADDRESS, ray start) "
         "or starts a local one; 'local' always starts a new local one."
     ),
-]
-VerboseArg = Annotated[
-    bool, typer.Option("--verbose", help="On a failed run, print the whole traceback too.")
 ]
 RowsPerFileArg = Annotated[
     int, typer.Option(help="Rows per results Parquet file (what a crash can cost to redo).")

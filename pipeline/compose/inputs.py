@@ -62,6 +62,9 @@ class ComposeConfig:
     num_cpus: int | None = None
     object_store_memory: int | None = None
     show_progress: bool = True
+    # Ray's `ray.init(log_to_driver=…)`, as `RunConfig`'s (off on the command line unless
+    # --verbose).
+    log_to_driver: bool = True
 
     def params(self) -> dict[str, Any]:
         """Everything that decides a composite's pixels (the inputs aside)."""

@@ -12,6 +12,7 @@ Leaves, under the output:
                           `schemas/compose.py`'s COMPOSITE_SCHEMA: `harmonize run --manifest
                           {output}/manifest` reads it as it is
   `errors/{run_id}/part-{attempt}-{task}.parquet`    one row per composite that failed
+  `logs/{run_id}.log`     Ray's own logs of the job (the command line's console)
 and a `ComposeSummary`.
 
     from_arrow(backgrounds: id, uri)              driver-read, checked
@@ -31,6 +32,7 @@ no scale) makes that composite an error row naming the object or background and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -62,6 +64,7 @@ from pipeline.compose.layout import (
     layout,
     paste,
 )
+from pipeline.console import Console
 from pipeline.decode import SampleError, open_image, to_mask, to_rgb, upright
 from pipeline.models.base import sample_seed
 from pipeline.preflight import PreflightError
@@ -330,8 +333,11 @@ def summarize(
     )  # fmt: skip
 
 
-def compose(config: ComposeConfig) -> ComposeSummary:
-    """Check everything, then run the Ray Data job and summarize it."""
+def compose(config: ComposeConfig, console: Console | None = None) -> ComposeSummary:
+    """Check everything, then run the Ray Data job and summarize it.
+
+    `console` (the command line's): a header once the inputs are read, and one progress bar
+    (composites made of those to make) instead of Ray Data's while the job runs."""
     from pipeline.placement import check_paths_reachable, init_ray
 
     problems = config.rules.problems()
@@ -343,6 +349,14 @@ def compose(config: ComposeConfig) -> ComposeSummary:
         "compose: %d objects, %d backgrounds x %d, %d composites already made",
         objects.num_rows, backgrounds.num_rows, config.rules.per_background, len(done),
     )  # fmt: skip
+    to_make = max(backgrounds.num_rows * config.rules.per_background - len(done), 0)
+    if console is not None:
+        console.header(
+            f"harmonize compose {config.run_id}: {to_make} composites to make "
+            f"({backgrounds.num_rows} backgrounds x {config.rules.per_background}, "
+            f"{objects.num_rows} objects) -> {config.output}"
+        )
+        config = dataclasses.replace(config, show_progress=False)  # the console draws the bar
     init_ray(config)
     check_paths_reachable(
         {"--objects": config.objects, "--backgrounds": config.backgrounds}, config.output
@@ -351,21 +365,23 @@ def compose(config: ComposeConfig) -> ComposeSummary:
     context = DataContext.get_current()
     context.enable_progress_bars = config.show_progress
     context.max_errored_blocks = 0  # per-composite errors are rows; a failing block is a fault
-    dataset = ray.data.from_arrow(backgrounds)
-    dataset = dataset.map_batches(
-        expand,
-        fn_kwargs={"per_background": config.rules.per_background, "done": ray.put(done)},
-        batch_format="pyarrow",
-        num_cpus=0.5,
-    )
-    dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
-    dataset = dataset.map_batches(
-        compose_batch,
-        fn_kwargs={"config": config, "objects": ray.put(objects)},
-        batch_format="pyarrow",
-        batch_size=config.batch_size,
-        num_cpus=1,
-    )
-    sink = ComposeSink(config)
-    dataset.write_datasink(sink)
+    # The callback that counts progress is read from the DataContext when the plan is built.
+    with console.executing(to_make) if console else contextlib.nullcontext():
+        dataset = ray.data.from_arrow(backgrounds)
+        dataset = dataset.map_batches(
+            expand,
+            fn_kwargs={"per_background": config.rules.per_background, "done": ray.put(done)},
+            batch_format="pyarrow",
+            num_cpus=0.5,
+        )
+        dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
+        dataset = dataset.map_batches(
+            compose_batch,
+            fn_kwargs={"config": config, "objects": ray.put(objects)},
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=1,
+        )
+        sink = ComposeSink(config)
+        dataset.write_datasink(sink)
     return summarize(config, sink, time.perf_counter() - start, len(done))
