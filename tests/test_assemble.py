@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from storage_args import cli_args
 from tiny_checkpoint import write_official_download, write_tiny_model_dir
 from typer.testing import CliRunner
 
@@ -270,9 +271,7 @@ def test_assemble_from_s3_to_s3(
         fs.put(str(folder), f"{s3_bucket}/downloads/{name}", recursive=True)
     remote = {name: f"s3://{s3_bucket}/downloads/{name}" for name in download}
     out = f"s3://{s3_bucket}/models/diffharmony"
-    options = ["--endpoint-url", s3_server["endpoint_url"],
-               "--storage-option", f"key={s3_server['key']}",
-               "--storage-option", f"secret={s3_server['secret']}"]  # fmt: skip
+    options = cli_args(s3_server)
     env = {"HOME": str(tmp_path)}  # the node cache of `model check` goes under ~/.cache
     result = _assemble(remote, out, "--allow-unsafe-pickle", *options, env=env)
     assert result.exit_code == 0, result.output

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from storage_args import cli_args
 from tiny_checkpoint import write_tiny_model_dir
 from typer.testing import CliRunner
 
@@ -82,9 +83,7 @@ def test_model_check_on_s3(tmp_path: Path, s3_server: dict[str, Any], s3_bucket:
     fs.put(str(model_dir), f"{s3_bucket}/tiny", recursive=True)
     result = runner.invoke(
         app,
-        ["model", "check", f"s3://{s3_bucket}/tiny", "--endpoint-url", s3_server["endpoint_url"],
-         "--storage-option", f"key={s3_server['key']}",
-         "--storage-option", f"secret={s3_server['secret']}"],
+        ["model", "check", f"s3://{s3_bucket}/tiny", *cli_args(s3_server)],
         env={"HOME": str(tmp_path)},  # the node cache goes under ~/.cache
     )  # fmt: skip
     assert result.exit_code == 0, result.output

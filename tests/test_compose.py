@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from storage_args import cli_args
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -416,14 +417,7 @@ def test_compose_run_export_on_s3(
 ) -> None:
     options = s3_server
     objects, backgrounds = write_inputs(f"s3://{s3_bucket}/inputs", options, backgrounds=2)
-    storage = [
-        "--endpoint-url",
-        options["endpoint_url"],
-        "--storage-option",
-        f"key={options['key']}",
-        "--storage-option",
-        f"secret={options['secret']}",
-    ]
+    storage = cli_args(options)
     runner = CliRunner()
     composed = runner.invoke(
         app,

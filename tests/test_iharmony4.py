@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio
+from storage_args import cli_args
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -482,9 +483,7 @@ def test_diffharmony_on_s3_through_the_cli(
     root = f"s3://{s3_bucket}/iHarmony4"
     build_tree(root, s3_server)
     model_dir = write_tiny_model_dir(tmp_path / "model")
-    s3 = ["--endpoint-url", s3_server["endpoint_url"],
-          "--storage-option", f"key={s3_server['key']}",
-          "--storage-option", f"secret={s3_server['secret']}"]  # fmt: skip
+    s3 = cli_args(s3_server)
     manifest = f"s3://{s3_bucket}/manifests/test.parquet"
     output = f"s3://{s3_bucket}/eval/diffharmony"
     runner = CliRunner()

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from storage_args import cli_args
 from tiny_checkpoint import write_harmony_classifier, write_tiny_model_dir
 from typer.testing import CliRunner
 
@@ -286,14 +287,7 @@ def test_inverse_and_classifier_on_s3(
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buffer)
     fs.pipe_file(f"{s3_bucket}/data/reals.parquet", buffer.getvalue())
-    storage = [
-        "--endpoint-url",
-        options["endpoint_url"],
-        "--storage-option",
-        f"key={options['key']}",
-        "--storage-option",
-        f"secret={options['secret']}",
-    ]
+    storage = cli_args(options)
     env = {"HOME": str(tmp_path)}  # the node's model cache goes under ~/.cache
     out = f"s3://{s3_bucket}/generated"
 

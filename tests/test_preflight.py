@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from storage_args import cli_args
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -42,11 +43,6 @@ def harmonize(*args: str) -> tuple[int, list[str]]:
     result = CliRunner().invoke(app, ["run", "--no-progress", *args])
     print(result.output)  # shown when a test fails
     return result.exit_code, result.output.strip().splitlines()
-
-
-def s3_args(options: dict[str, Any]) -> list[str]:
-    return ["--endpoint-url", options["endpoint_url"], "--storage-option",
-            f"key={options['key']}", "--storage-option", f"secret={options['secret']}"]  # fmt: skip
 
 
 @pytest.fixture
@@ -95,7 +91,7 @@ def test_read_only_output(no_ray: None, demo_manifest: str, read_only_dir: Path)
 
 def test_missing_output_bucket(no_ray: None, demo_manifest: str, s3_server: dict[str, Any]) -> None:
     code, lines = harmonize("-m", demo_manifest, "-o", "s3://no-such-bucket/out",
-                            *s3_args(s3_server))  # fmt: skip
+                            *cli_args(s3_server))  # fmt: skip
     assert (code, lines) == (
         2, ["error: output s3://no-such-bucket/out cannot be written: not found (The specified "
             "bucket does not exist)"],
@@ -113,7 +109,7 @@ def test_wrong_s3_credentials(
 ) -> None:
     known = s3_iam([{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}])
     wrong = {**known, "key": "AKIAUNKNOWNKEY000000"}
-    code, lines = harmonize("-m", s3_demo, "-o", f"s3://{s3_bucket}/out", *s3_args(wrong))
+    code, lines = harmonize("-m", s3_demo, "-o", f"s3://{s3_bucket}/out", *cli_args(wrong))
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: manifest {s3_demo} cannot be read: permission denied")
     assert known["secret"] not in lines[0]
@@ -124,7 +120,7 @@ def test_credentials_that_may_only_read(
 ) -> None:
     reader = s3_iam([{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
                       "Resource": [f"{S3_ALL}{s3_bucket}", f"{S3_ALL}{s3_bucket}/*"]}])  # fmt: skip
-    code, lines = harmonize("-m", s3_demo, "-o", f"s3://{s3_bucket}/out", *s3_args(reader))
+    code, lines = harmonize("-m", s3_demo, "-o", f"s3://{s3_bucket}/out", *cli_args(reader))
     assert (code, lines) == (
         2, [f"error: output s3://{s3_bucket}/out cannot be written: permission denied (Access "
             "Denied)"],
@@ -140,7 +136,7 @@ def test_credentials_that_cannot_read_the_images(
         {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"{S3_ALL}{s3_demo[5:]}"},
         {"Effect": "Allow", "Action": "s3:*", "Resource": f"{S3_ALL}{s3_bucket}/out/*"},
     ])  # fmt: skip
-    code, lines = harmonize("-m", s3_demo, "-o", f"s3://{s3_bucket}/out", *s3_args(manifest_only))
+    code, lines = harmonize("-m", s3_demo, "-o", f"s3://{s3_bucket}/out", *cli_args(manifest_only))
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(
         f"error: images of manifest {s3_demo} cannot be read (first composite "
@@ -164,7 +160,7 @@ def test_storage_failure_mid_run_is_one_line(
     ])  # fmt: skip
     command = [sys.executable, str(REPO / "jobs" / "harmonize.py"), "--manifest", s3_demo,
                "--output", out, "--no-progress", "--ray-address", "local", "--num-cpus", "4",
-               "--resolution", "64", "--run-id", "denied", *s3_args(no_results)]  # fmt: skip
+               "--resolution", "64", "--run-id", "denied", *cli_args(no_results)]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, done.stderr[-3000:]

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from skimage.metrics import mean_squared_error
+from storage_args import cli_args
 from tiny_checkpoint import write_harmony_classifier
 from typer.testing import CliRunner
 
@@ -271,9 +272,7 @@ def test_select_and_stats_on_s3(
     output, table = demo_run
     fs, _ = filesystem(f"s3://{s3_bucket}", s3_server)
     fs.put(os.path.join(output, "results"), f"{s3_bucket}/out/results", recursive=True)
-    s3 = ["--endpoint-url", s3_server["endpoint_url"],
-          "--storage-option", f"key={s3_server['key']}",
-          "--storage-option", f"secret={s3_server['secret']}"]  # fmt: skip
+    s3 = cli_args(s3_server)
     out = f"s3://{s3_bucket}/train/manifest.parquet"
     result = invoke("select", "--results", f"s3://{s3_bucket}/out", "--where",
                     "mask_area > 0.1 AND bg_psnr > 35", "--out", out, *s3)  # fmt: skip
